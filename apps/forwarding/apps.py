@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class ForwardingConfig(AppConfig):
+    name = "apps.forwarding"
+    label = "forwarding"
