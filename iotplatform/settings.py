@@ -223,6 +223,13 @@ CELERY_TIMEZONE = "UTC"
 EGRESS_ALLOW = env.list("EGRESS_ALLOW", default=[])
 WEBHOOK_ALLOW_HTTP = env.bool("WEBHOOK_ALLOW_HTTP", default=False)
 
+# --- Operations and demo ---------------------------------------------------------------------
+# Bearer token for /metrics; empty = open (keep /metrics off the public internet then).
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+# `manage.py seed_demo`: the demo login, and a platform superuser only when a password is given.
+DEMO_PASSWORD = env.str("DEMO_PASSWORD", default="demo-pass")
+DEMO_ADMIN_PASSWORD = env.str("DEMO_ADMIN_PASSWORD", default="")
+
 # --- Auth, i18n, static ----------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
