@@ -183,6 +183,13 @@ if CACHES["default"]["BACKEND"].endswith("LocMemCache") and EMBEDDED:
 # --- MQTT ------------------------------------------------------------------------------------
 # The embedded broker listens on 1884 so that it never collides with a system Mosquitto on 1883.
 MQTT_URL = env.str("MQTT_URL", default="mqtt://127.0.0.1:1884")
+# The embedded broker (amqtt) speaks MQTT 3.1.1 only; Mosquitto gets MQTT 5 (receive maximum,
+# session expiry) unless told otherwise.
+MQTT_PROTOCOL = env.str(
+    "MQTT_PROTOCOL", default="5" if env.str("MQTT_URL", default="") else "3.1.1"
+)
+if MQTT_PROTOCOL not in ("5", "3.1.1"):
+    raise ImproperlyConfigured("MQTT_PROTOCOL must be 5 or 3.1.1")
 MQTT_SHARED_GROUP = env.str("MQTT_SHARED_GROUP", default="")  # "" = plain subscription
 MQTT_CLIENT_ID_PREFIX = env.str("MQTT_CLIENT_ID_PREFIX", default="iotplatform")
 MQTT_MAX_PAYLOAD = env.int("MQTT_MAX_PAYLOAD", default=64 * 1024)

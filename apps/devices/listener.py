@@ -1,0 +1,291 @@
+"""The MQTT listener: broker -> batches -> `ingest_batch` -> ack -> live pages.
+
+Threads: paho's network thread only appends messages to a bounded queue (so a slow database
+pushes back on the broker instead of growing memory); one writer thread takes batches of up to
+INGEST_BATCH_SIZE messages or INGEST_BATCH_MS milliseconds, commits them in one transaction and
+only then acknowledges their QoS 1 PUBLISHes (paho manual ack). A crash before the commit leaves
+the messages unacknowledged, and the broker sends them again to the persistent session.
+
+Several copies can share the stream through `$share/<group>/…` (MQTT_SHARED_GROUP). The
+connection topics (LWT/status, retained) are subscribed without the share: brokers send no
+retained messages on shared subscriptions, and every copy needs them to rebuild state after a
+restart. Applying them twice is harmless (state changes compare against the locked row).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from django import db
+from django.conf import settings
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from . import profiles
+from .ingest import InboundMessage, ingest_batch, mark_silent_devices_offline
+
+log = logging.getLogger("apps.devices.listener")
+
+
+@dataclass
+class ListenerStats:
+    received: int = 0
+    stored: int = 0
+    quarantined: int = 0
+    duplicates: int = 0
+    batches: int = 0
+    failed_batches: int = 0
+    connects: int = 0
+
+
+def mqtt_params(url: str) -> dict:
+    parsed = urlparse(url)
+    if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise ValueError(f"MQTT_URL must be mqtt:// or mqtts://, got {url!r}")
+    return {
+        "host": parsed.hostname or "127.0.0.1",
+        "port": parsed.port or (8883 if parsed.scheme in ("mqtts", "ssl") else 1883),
+        "username": parsed.username,
+        "password": parsed.password,
+        "tls": parsed.scheme in ("mqtts", "ssl"),
+    }
+
+
+def mqtt_protocol() -> int:
+    return mqtt.MQTTv5 if str(settings.MQTT_PROTOCOL) == "5" else mqtt.MQTTv311
+
+
+class Listener:
+    def __init__(
+        self,
+        *,
+        url: str | None = None,
+        group: str | None = None,
+        client_id: str | None = None,
+        batch_size: int | None = None,
+        batch_ms: int | None = None,
+        publisher=None,
+        sweep_every: float = 10.0,
+    ) -> None:
+        self.url = url or settings.MQTT_URL
+        self.group = settings.MQTT_SHARED_GROUP if group is None else group
+        self.batch_size = batch_size or settings.INGEST_BATCH_SIZE
+        self.batch_ms = batch_ms or settings.INGEST_BATCH_MS
+        self.client_id = (
+            client_id
+            or "-".join(
+                [
+                    settings.MQTT_CLIENT_ID_PREFIX,
+                    "listener",
+                    self.group or "solo",
+                    socket.gethostname(),
+                ]
+            )[:64]
+        )
+        self.publisher = publisher
+        self.sweep_every = sweep_every
+        self.stats = ListenerStats()
+        self._queue: queue.Queue[InboundMessage] = queue.Queue(maxsize=self.batch_size * 20)
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._client = self._make_client()
+
+    # --- MQTT side --------------------------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        protocol = mqtt_protocol()
+        kwargs = {}
+        if protocol == mqtt.MQTTv311:
+            kwargs["clean_session"] = False  # a persistent session keeps QoS 1 messages for us
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=protocol,
+            manual_ack=True,
+            **kwargs,
+        )
+        params = mqtt_params(self.url)
+        if params["username"]:
+            client.username_pw_set(params["username"], params["password"])
+        if params["tls"]:
+            client.tls_set()
+        client.max_inflight_messages_set(1000)
+        client.max_queued_messages_set(0)
+        client.reconnect_delay_set(min_delay=1, max_delay=15)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("event=connect_refused reason=%s", reason_code)
+            return
+        self.stats.connects += 1
+        filters, connection = profiles.subscriptions()
+        subs = []
+        for f in filters:
+            if self.group and f not in connection:
+                subs.append((f"$share/{self.group}/{f}", 1))
+            else:
+                subs.append((f, 1))
+        client.subscribe(subs)
+        self._connected.set()
+        log.info(
+            "event=connected url=%s client_id=%s group=%s session_present=%s",
+            self.url,
+            self.client_id,
+            self.group or "-",
+            flags.session_present,
+        )
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connected.clear()
+        if not self._stop.is_set():
+            log.warning("event=disconnected reason=%s (reconnecting)", reason_code)
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        self.stats.received += 1
+        item = InboundMessage(
+            topic=msg.topic,
+            payload=msg.payload,
+            received_at=datetime.now(UTC),
+            qos=msg.qos,
+            mid=msg.mid,
+            retained=bool(msg.retain),
+        )
+        # Blocks while the writer is behind: paho stops reading and TCP pushes back on the
+        # broker. Once stopping, an unacknowledged QoS 1 message is simply sent again later.
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    # --- writer side ------------------------------------------------------------------------
+
+    def _take_batch(self) -> list[InboundMessage]:
+        try:
+            first = self._queue.get(timeout=0.5)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.batch_ms / 1000
+        while len(batch) < self.batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                batch.append(
+                    self._queue.get(timeout=remaining)
+                    if remaining > 0
+                    else self._queue.get_nowait()
+                )
+            except queue.Empty:
+                break
+        return batch
+
+    def _commit(self, batch: list[InboundMessage]) -> None:
+        """Ingest one batch, retrying while the database is unavailable. Never drops it."""
+        delay = 0.5
+        while True:
+            try:
+                result = ingest_batch(batch)
+                break
+            except db.Error as exc:
+                self.stats.failed_batches += 1
+                log.error(
+                    "event=batch_failed size=%d error=%s retry_in=%.1fs", len(batch), exc, delay
+                )
+                db.close_old_connections()
+                for conn in db.connections.all():
+                    conn.close_if_unusable_or_obsolete()
+                time.sleep(delay)
+                delay = min(delay * 2, 10)
+        # Only now, after the commit, the broker may forget these messages.
+        for m in batch:
+            if m.qos > 0:
+                self._client.ack(m.mid, m.qos)
+        self.stats.batches += 1
+        self.stats.stored += result.stored
+        self.stats.quarantined += result.quarantined
+        self.stats.duplicates += result.duplicates
+        if self.publisher is not None and (result.changed_devices or result.events):
+            try:
+                self.publisher.publish(result.changed_devices, result.events)
+            except Exception:  # live pages are best effort; ingest must go on
+                log.exception("event=live_publish_failed")
+
+    def _writer(self) -> None:
+        last_sweep = time.monotonic()
+        last_log = time.monotonic()
+        while True:
+            batch = self._take_batch()
+            if batch:
+                self._commit(batch)
+            elif self._stop.is_set():
+                break
+            now = time.monotonic()
+            if now - last_sweep >= self.sweep_every:
+                last_sweep = now
+                try:
+                    mark_silent_devices_offline()
+                except db.Error:
+                    log.exception("event=sweep_failed")
+            if now - last_log >= 30:
+                last_log = now
+                log.info("event=stats %s queue=%d", self._stats_line(), self._queue.qsize())
+        db.connections.close_all()
+
+    def _stats_line(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in vars(self.stats).items())
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Run until `stop()` (SIGTERM/SIGINT); then finish and acknowledge what was received."""
+        params = mqtt_params(self.url)
+        connect_kwargs = {}
+        if mqtt_protocol() == mqtt.MQTTv5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 24 * 3600  # keep our QoS 1 messages while we restart
+            props.ReceiveMaximum = min(65535, self.batch_size * 4)
+            connect_kwargs = {"clean_start": False, "properties": props}
+        writer = threading.Thread(target=self._writer, name="ingest-writer", daemon=True)
+        writer.start()
+        if self.publisher is not None:
+            self.publisher.start()
+        while not self._stop.is_set():
+            try:
+                self._client.connect(params["host"], params["port"], keepalive=30, **connect_kwargs)
+                break
+            except OSError as exc:
+                log.warning("event=connect_failed url=%s error=%s retry_in=2s", self.url, exc)
+                self._stop.wait(2)
+        self._client.loop_start()
+        self._stop.wait()
+        # Drain: keep the connection so that the last batches can still be acknowledged.
+        deadline = time.monotonic() + 10
+        while not self._queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        writer.join(timeout=15)
+        self._client.disconnect()
+        self._client.loop_stop()
+        if self.publisher is not None:
+            self.publisher.stop()
+        log.info("event=stopped %s pid=%d", self._stats_line(), os.getpid())
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
