@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
 import pytest
 
 from apps.devices.models import Device, Profile
@@ -35,7 +45,9 @@ def bob(django_user_model, alice_owner):
 
 @pytest.fixture
 def charlie(django_user_model, charlie_owner):
-    user = django_user_model.objects.create_user("charlie", "charlie@example.com", "charlie-pass-123")
+    user = django_user_model.objects.create_user(
+        "charlie", "charlie@example.com", "charlie-pass-123"
+    )
     Membership.objects.create(owner=charlie_owner, user=user, role=Role.OWNER)
     return user
 
@@ -50,22 +62,78 @@ def alice_lamp(alice_owner) -> Device:
 @pytest.fixture
 def alice_relay(alice_owner) -> Device:
     return Device.objects.create(
-        owner=alice_owner, device_id="alice-relay-1", name="Garden relay",
-        profile=Profile.TASMOTA, topic="tasmota_A1B2C3", relay_count=2, expected_interval=300,
+        owner=alice_owner,
+        device_id="alice-relay-1",
+        name="Garden relay",
+        profile=Profile.TASMOTA,
+        topic="tasmota_A1B2C3",
+        relay_count=2,
+        expected_interval=300,
     )
 
 
 @pytest.fixture
 def alice_meter(alice_owner) -> Device:
     return Device.objects.create(
-        owner=alice_owner, device_id="alice-meter-1", name="Traction DC meter",
-        profile=Profile.METER_V2, expected_interval=10,
+        owner=alice_owner,
+        device_id="alice-meter-1",
+        name="Traction DC meter",
+        profile=Profile.METER_V2,
+        expected_interval=10,
     )
 
 
 @pytest.fixture
 def charlie_lamp(charlie_owner) -> Device:
     return Device.objects.create(
-        owner=charlie_owner, device_id="charlie-lamp-1", name="Charlie's lamp",
+        owner=charlie_owner,
+        device_id="charlie-lamp-1",
+        name="Charlie's lamp",
         profile=Profile.ESP32_LAMP,
     )
+
+
+# --- MQTT broker for tests ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Broker:
+    url: str
+    protocol: str  # "5" for Mosquitto, "3.1.1" for the embedded amqtt broker
+    host: str
+    port: int
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mqtt_broker() -> Iterator[Broker]:
+    """The real Mosquitto when TEST_MOSQUITTO_URL is set (CI), else the embedded broker."""
+    url = os.environ.get("TEST_MOSQUITTO_URL")
+    if url:
+        parsed = urlparse(url)
+        yield Broker(url, "5", parsed.hostname or "127.0.0.1", parsed.port or 1883)
+        return
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "embedded_broker", "--bind", f"127.0.0.1:{port}"],
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError("embedded broker exited") from None
+            time.sleep(0.1)
+    try:
+        yield Broker(f"mqtt://127.0.0.1:{port}", "3.1.1", "127.0.0.1", port)
+    finally:
+        proc.terminate()
+        proc.wait(10)

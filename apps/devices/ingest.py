@@ -32,7 +32,7 @@ from .models import (
     TransitionKind,
 )
 from .profiles import Parsed, Reject, route
-from .profiles.base import OVERSIZE, UNKNOWN_DEVICE
+from .profiles.base import INVALID, OVERSIZE, UNKNOWN_DEVICE
 
 log = logging.getLogger(__name__)
 
@@ -134,16 +134,26 @@ def ingest_batch(
     quarantine: list[QuarantinedMessage] = []
     accepted: list[tuple[InboundMessage, str, Parsed]] = []
 
+    # Refused messages whose topic names a device: shown to that device's owner.
+    attributable: list[tuple[QuarantinedMessage, tuple[str, str]]] = []
     for msg in messages:
+        where: tuple[str, str] | None = None
         try:
+            profile, key, channel = route(msg.topic)
+            where = (profile.name, key)
             if len(msg.payload) > settings.MQTT_MAX_PAYLOAD:
                 raise Reject(OVERSIZE, f"{len(msg.payload)} bytes > {settings.MQTT_MAX_PAYLOAD}")
-            profile, key, channel = route(msg.topic)
             accepted.append((msg, profile.name, profile.parse(key, channel, msg.payload)))
         except Reject as exc:
-            quarantine.append(_quarantine_row(msg, exc.reason, exc.detail))
+            if len(msg.payload) > settings.MQTT_MAX_PAYLOAD and exc.reason != OVERSIZE:
+                exc = Reject(OVERSIZE, f"{len(msg.payload)} bytes > {settings.MQTT_MAX_PAYLOAD}")
+            row = _quarantine_row(msg, exc.reason, exc.detail)
+            quarantine.append(row)
+            if where:
+                attributable.append((row, where))
 
-    refs = directory.resolve({(profile, parsed.key) for _, profile, parsed in accepted})
+    keys = {(profile, parsed.key) for _, profile, parsed in accepted}
+    refs = directory.resolve(keys | {where for _, where in attributable})
     with transaction.atomic():
         pks = sorted({ref.pk for ref in refs.values()})
         # Lock in primary-key order: concurrent listener copies never deadlock on each other.
@@ -151,6 +161,10 @@ def ingest_batch(
             d.pk: d for d in Device.objects.select_for_update().filter(pk__in=pks).order_by("pk")
         }
         state = {pk: _DeviceState(d) for pk, d in devices.items()}
+        for row, where in attributable:
+            ref = refs.get(where)
+            if ref and ref.pk in devices:  # only devices that still exist (locked above)
+                row.owner_id, row.device_id = ref.owner_id, ref.pk
         telemetry: list[tuple[Telemetry, _DeviceState, Parsed]] = []
         transitions: list[Transition] = []
 
@@ -335,6 +349,13 @@ def _quarantine_row(msg: InboundMessage, reason: str, detail: str) -> Quarantine
         detail=detail[:255],
         payload=bytes(msg.payload[: QuarantinedMessage.PAYLOAD_KEPT]),
         size=len(msg.payload),
+    )
+
+
+def quarantine_unstorable(msg: InboundMessage, exc: Exception) -> None:
+    """Last resort for a message the database refused although it parsed: keep it, with why."""
+    QuarantinedMessage.objects.bulk_create(
+        [_quarantine_row(msg, INVALID, f"could not be stored: {type(exc).__name__}")]
     )
 
 

@@ -32,7 +32,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from . import profiles
-from .ingest import InboundMessage, ingest_batch, mark_silent_devices_offline
+from .ingest import (
+    BatchResult,
+    InboundMessage,
+    ingest_batch,
+    mark_silent_devices_offline,
+    quarantine_unstorable,
+)
 
 log = logging.getLogger("apps.devices.listener")
 
@@ -201,6 +207,11 @@ class Listener:
             try:
                 result = ingest_batch(batch)
                 break
+            except (db.IntegrityError, db.DataError) as exc:
+                # Not the database being away: something in the batch. Isolate it.
+                log.error("event=batch_rejected size=%d error=%s", len(batch), exc)
+                result = self._one_by_one(batch)
+                break
             except db.Error as exc:
                 self.stats.failed_batches += 1
                 log.error(
@@ -224,6 +235,22 @@ class Listener:
                 self.publisher.publish(result.changed_devices, result.events)
             except Exception:  # live pages are best effort; ingest must go on
                 log.exception("event=live_publish_failed")
+
+    def _one_by_one(self, batch: list[InboundMessage]) -> BatchResult:
+        total = BatchResult()
+        for m in batch:
+            try:
+                r = ingest_batch([m])
+            except (db.IntegrityError, db.DataError) as exc:
+                quarantine_unstorable(m, exc)
+                total.quarantined += 1
+                continue
+            total.stored += r.stored
+            total.quarantined += r.quarantined
+            total.duplicates += r.duplicates
+            total.events += r.events
+            total.changed_devices += r.changed_devices
+        return total
 
     def _writer(self) -> None:
         last_sweep = time.monotonic()
