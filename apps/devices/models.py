@@ -241,3 +241,79 @@ class DeviceCredential(models.Model):
 
     def __str__(self) -> str:
         return self.username
+
+
+# --- commands (apps.devices.commands) ---------------------------------------------------------
+
+
+class CommandStatus(models.TextChoices):
+    PENDING = "pending", "Pending"  # row written, publish in progress
+    QUEUED = "queued", "Held until the device is online"
+    PUBLISHED = "published", "Published"
+    CONFIRMED = "confirmed", "Confirmed"
+    UNCONFIRMED = "unconfirmed", "Unconfirmed"  # published, the device never reported it
+    EXPIRED = "expired", "Expired"  # held, the device did not come back in time
+    FAILED = "failed", "Failed"  # the broker refused or timed out, or the device acked an error
+
+
+class IssuerType(models.TextChoices):
+    USER = "user", "User"
+    SCHEDULE = "schedule", "Schedule"
+    API_KEY = "api_key", "API key"
+    SYSTEM = "system", "System"
+
+
+class Command(models.Model):
+    """One command to a device and what became of it. Written by apps.devices.commands only."""
+
+    OPEN = (CommandStatus.PENDING, CommandStatus.QUEUED, CommandStatus.PUBLISHED)
+
+    id = models.BigAutoField(primary_key=True)
+    request_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    owner = models.ForeignKey(Owner, on_delete=models.CASCADE, related_name="+")
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="commands")
+    action = models.CharField(max_length=64, help_text="ON / OFF / TOGGLE, or a meter command")
+    relay = models.PositiveSmallIntegerField(null=True, blank=True)
+    params = models.JSONField(default=dict, blank=True)
+    # The power state that confirms the command when the device reports state (no request id).
+    expected = models.CharField(max_length=8, blank=True)
+    # Who asked: a generic reference, so that deleting a user or key keeps the log readable.
+    issuer_type = models.CharField(max_length=16, choices=IssuerType.choices)
+    issuer_id = models.CharField(max_length=64, blank=True)
+    issuer_label = models.CharField(max_length=150, blank=True)
+    status = models.CharField(
+        max_length=12, choices=CommandStatus.choices, default=CommandStatus.PENDING
+    )
+    detail = models.CharField(max_length=255, blank=True)
+    topic = models.CharField(max_length=255, blank=True)
+    payload = models.TextField(blank=True)
+    issued_at = models.DateTimeField()
+    expires_at = models.DateTimeField(help_text="A held command is dropped after this.")
+    published_at = models.DateTimeField(null=True, blank=True)
+    confirm_by = models.DateTimeField(
+        null=True, blank=True, help_text="Unconfirmed when the device has not reported by then."
+    )
+    resolved_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-issued_at", "-id"]
+        indexes = [
+            models.Index(fields=["device", "status"]),
+            models.Index(fields=["owner", "-issued_at"]),
+            models.Index(fields=["status", "confirm_by"]),
+        ]
+
+    def __str__(self) -> str:
+        relay = f"[{self.relay}]" if self.relay else ""
+        return f"{self.action}{relay} → {self.device_id} ({self.status})"
+
+    @property
+    def is_open(self) -> bool:
+        return self.status in self.OPEN
+
+    @property
+    def latency(self) -> timedelta | None:
+        """Publish to confirmation."""
+        if self.status == CommandStatus.CONFIRMED and self.published_at and self.resolved_at:
+            return self.resolved_at - self.published_at
+        return None
