@@ -230,6 +230,21 @@ CELERY_TIMEZONE = "UTC"
 EGRESS_ALLOW = env.list("EGRESS_ALLOW", default=[])
 WEBHOOK_ALLOW_HTTP = env.bool("WEBHOOK_ALLOW_HTTP", default=False)
 
+# --- Data delivery (apps.forwarding; see docs/delivery.md) ------------------------------------
+# The Celery queue of delivery tasks: "delivery" with dedicated workers (`-Q delivery`) keeps a
+# burst of deliveries from queueing ahead of schedules and commands.
+DELIVERY_QUEUE = env.str("DELIVERY_QUEUE", default="celery")
+DELIVERY_SWEEP_SECONDS = env.float("DELIVERY_SWEEP_SECONDS", default=5.0)  # beat: due rows, leases
+DELIVERY_DRAIN_SECONDS = env.float("DELIVERY_DRAIN_SECONDS", default=30.0)  # one task's budget
+DELIVERY_LEASE_MARGIN = env.float("DELIVERY_LEASE_MARGIN", default=30.0)  # lease = timeout + this
+# Operator caps that owners' per-destination settings cannot exceed (per second).
+DELIVERY_DESTINATION_RATE = env.int("DELIVERY_DESTINATION_RATE", default=5000)
+DELIVERY_OWNER_RATE = env.int("DELIVERY_OWNER_RATE", default=10000)
+DELIVERY_ALERT_AFTER_MINUTES = env.float("DELIVERY_ALERT_AFTER_MINUTES", default=60.0)
+DELIVERY_DISABLE_AFTER_HOURS = env.float("DELIVERY_DISABLE_AFTER_HOURS", default=72.0)
+DELIVERY_RETENTION_DAYS = env.int("DELIVERY_RETENTION_DAYS", default=7)  # delivered rows, attempts
+DELIVERY_DEAD_RETENTION_DAYS = env.int("DELIVERY_DEAD_RETENTION_DAYS", default=30)
+
 # --- Operations and demo ---------------------------------------------------------------------
 # Bearer token for /metrics; empty = open (keep /metrics off the public internet then).
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
