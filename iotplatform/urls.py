@@ -3,5 +3,6 @@ from django.urls import include, path
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("", include("apps.core.urls")),  # /healthz, /readyz, /metrics
     path("", include("apps.devices.urls")),
 ]
