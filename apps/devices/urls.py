@@ -4,4 +4,5 @@ from . import views
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
+    path("devices/<str:device_id>/", views.device_detail, name="device-detail"),
 ]

@@ -1,7 +1,154 @@
+"""The live pages: dashboard and device page, server-rendered, then kept current by live.js.
+
+Both pages render from `live.device_state()`, the same dict the WebSocket sends, so the first
+paint and every later update show the same fields the same way (`static/js/live.js` mirrors
+the small formatting helpers below).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from itertools import groupby
+from typing import Any
+
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
+from django.urls import NoReverseMatch, reverse
+from django.utils import timezone
+
+from apps.owners.models import Role
+from apps.owners.scoping import get_for_user_or_404, has_role, scope
+
+from . import commands, live
+from .models import Device, EventKind, Telemetry
+
+UNITS = {
+    "voltage": "V",
+    "current": "A",
+    "power": "W",
+    "energy": "kWh",
+    "frequency": "Hz",
+    "temperature": "°C",
+    "pf": "",
+}
+TILE_READINGS = 4
+CHART_WINDOW = timedelta(hours=2)
+CHART_POINTS = 300
+RECENT_TRANSITIONS = 20
+COMMAND_ACTIONS = ("ON", "OFF", "TOGGLE")
+
+
+def format_number(value: float) -> str:
+    """Up to two decimals, no trailing zeros (live.js `formatNumber` does the same)."""
+    text = f"{value:.2f}".rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
+
+
+def ago(then: datetime | None, now: datetime | None = None) -> str:
+    """ "12 s ago", "5 min ago" (live.js `ago` does the same and keeps it ticking)."""
+    if then is None:
+        return "never"
+    seconds = max(0, int(((now or timezone.now()) - then).total_seconds()))
+    if seconds < 60:
+        return f"{seconds} s ago"
+    if seconds < 3600:
+        return f"{seconds // 60} min ago"
+    if seconds < 86400:
+        return f"{seconds // 3600} h ago"
+    return f"{seconds // 86400} d ago"
+
+
+def tile(device: Device, now: datetime | None = None) -> dict[str, Any]:
+    """`device_state` plus what a template cannot compute itself."""
+    state = live.device_state(device)
+    readings = list(live.chart_values(state["last_reading"]).items())[:TILE_READINGS]
+    return {
+        **state,
+        "relay_states": [
+            {"index": n, "state": state["power"].get(str(n), "")} for n in state["relays"]
+        ],
+        "readings": [
+            {"name": k, "value": format_number(v), "unit": UNITS.get(k, "")} for k, v in readings
+        ],
+        "last_seen_text": ago(device.last_seen_at, now),
+    }
+
+
+def _can_command(request: HttpRequest, owner_id: int) -> bool:
+    return has_role(request.user, owner_id, Role.OPERATOR)
+
+
+def _command_context() -> dict[str, Any]:
+    # The buttons appear once the command layer (apps.devices.commands) is in place.
+    return {
+        "commands_ready": hasattr(commands, "execute_command"),
+        "command_actions": COMMAND_ACTIONS,
+    }
+
+
+def _admin_url(request: HttpRequest, device: Device) -> str:
+    if not request.user.is_staff:
+        return ""
+    try:
+        return reverse("admin:devices_device_change", args=[device.pk])
+    except NoReverseMatch:  # the device admin is not registered
+        return ""
 
 
 @login_required
 def dashboard(request: HttpRequest) -> HttpResponse:
-    return HttpResponse("dashboard: being built")
+    devices = list(
+        scope(Device.objects.select_related("owner"), request.user).order_by(
+            "owner__name", "owner_id", "device_id"
+        )[: live.SNAPSHOT_LIMIT]
+    )
+    now = timezone.now()
+    sections = [
+        {
+            "owner": owner,
+            "tiles": [tile(d, now) for d in group],
+            "can_command": _can_command(request, owner.pk),
+        }
+        for owner, group in groupby(devices, key=lambda d: d.owner)
+    ]
+    return render(
+        request,
+        "devices/dashboard.html",
+        {
+            "sections": sections,
+            "device_count": len(devices),
+            "truncated": len(devices) >= live.SNAPSHOT_LIMIT,
+            "page": "dashboard",
+            **_command_context(),
+        },
+    )
+
+
+@login_required
+def device_detail(request: HttpRequest, device_id: str) -> HttpResponse:
+    device = get_for_user_or_404(
+        Device.objects.select_related("owner"), request.user, device_id=device_id
+    )
+    since = timezone.now() - CHART_WINDOW
+    rows = (
+        Telemetry.objects.filter(device=device, kind=EventKind.TELEMETRY, ts__gte=since)
+        .order_by("-ts")
+        .values_list("ts", "data")[:CHART_POINTS]
+    )
+    points = [p for ts, data in reversed(rows) if (p := live.chart_point(ts, data))]
+    transitions = device.transitions.all()[:RECENT_TRANSITIONS]
+    return render(
+        request,
+        "devices/device_detail.html",
+        {
+            "device": device,
+            "t": tile(device),
+            "transitions": transitions,
+            "chart_points": points,
+            "can_command": _can_command(request, device.owner_id),
+            "admin_url": _admin_url(request, device),
+            "page": "device",
+            **_command_context(),
+        },
+    )
