@@ -99,12 +99,10 @@ def main() -> None:
     if simulate:
         processes.append("simulator")
 
-    default_password = settings.DEMO_PASSWORD == "demo-pass"
-    login = "demo / demo-pass" if default_password else "demo / the password in DEMO_PASSWORD"
     broker = "embedded broker" if embedded_broker else "external broker"
     lines = [
         f"Open       http://127.0.0.1:{port}/",
-        f"Log in     {login}",
+        f"Log in     demo / {settings.DEMO_PASSWORD}",
         f"Admin      http://127.0.0.1:{port}/admin/",
         f"MQTT       {mqtt_host}:{mqtt_port} ({broker})",
         f"Database   {settings.DATABASES['default']['ENGINE'].rsplit('.', 1)[-1]}",
@@ -121,7 +119,8 @@ def main() -> None:
     os.environ["PYTHONUNBUFFERED"] = "1"
     honcho = str(Path(sys.executable).parent / "honcho")
     procfile = os.environ.get("PROCFILE", "Procfile.embedded")
-    os.execv(honcho, [honcho, "start", "-f", procfile, "--port", str(port), *processes])
+    # exec, not a child: Ctrl-C and SIGTERM must reach honcho itself.
+    os.execv(honcho, [honcho, "start", "-f", procfile, "--port", str(port), *processes])  # noqa: S606
 
 
 if __name__ == "__main__":
