@@ -137,3 +137,26 @@ def mqtt_broker() -> Iterator[Broker]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for a platform process (listener, daphne, worker) on the test database.
+
+    Call it inside a test that uses `transactional_db`, so rows the test creates are committed
+    and visible to the subprocess.
+    """
+    from django.db import connection
+
+    env = dict(os.environ)
+    cfg = connection.settings_dict
+    if cfg["ENGINE"].endswith("sqlite3"):
+        env["DATABASE_URL"] = f"sqlite:///{cfg['NAME']}"
+        env.setdefault("EMBEDDED", "true")
+    else:
+        user = cfg.get("USER") or ""
+        auth = f"{user}:{cfg.get('PASSWORD')}@" if cfg.get("PASSWORD") else f"{user}@"
+        env["DATABASE_URL"] = (
+            f"postgres://{auth}{cfg.get('HOST') or '127.0.0.1'}:{cfg.get('PORT') or 5432}/{cfg['NAME']}"
+        )
+    env.update(extra)
+    return env

@@ -22,7 +22,6 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
 from django import db
@@ -39,6 +38,7 @@ from .ingest import (
     mark_silent_devices_offline,
     quarantine_unstorable,
 )
+from .mqtt import mqtt_params, mqtt_protocol
 
 log = logging.getLogger("apps.devices.listener")
 
@@ -52,23 +52,6 @@ class ListenerStats:
     batches: int = 0
     failed_batches: int = 0
     connects: int = 0
-
-
-def mqtt_params(url: str) -> dict:
-    parsed = urlparse(url)
-    if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-        raise ValueError(f"MQTT_URL must be mqtt:// or mqtts://, got {url!r}")
-    return {
-        "host": parsed.hostname or "127.0.0.1",
-        "port": parsed.port or (8883 if parsed.scheme in ("mqtts", "ssl") else 1883),
-        "username": parsed.username,
-        "password": parsed.password,
-        "tls": parsed.scheme in ("mqtts", "ssl"),
-    }
-
-
-def mqtt_protocol() -> int:
-    return mqtt.MQTTv5 if str(settings.MQTT_PROTOCOL) == "5" else mqtt.MQTTv311
 
 
 class Listener:
