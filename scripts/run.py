@@ -115,6 +115,8 @@ def main() -> None:
 
     # Every process must agree on the broker, use this virtualenv, and log line by line.
     os.environ["MQTT_URL"] = settings.MQTT_URL
+    # amqtt speaks MQTT 3.1.1 only; settings would pick 5 for an explicitly set MQTT_URL.
+    os.environ["MQTT_PROTOCOL"] = "3.1.1" if embedded_broker else settings.MQTT_PROTOCOL
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     os.environ["PYTHONUNBUFFERED"] = "1"
     honcho = str(Path(sys.executable).parent / "honcho")

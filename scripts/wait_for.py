@@ -29,7 +29,8 @@ def main() -> int:
         parser.error("no URL given and MQTT_URL is not set")
     if wait_until(lambda: mqtt_connack(args.url), args.timeout, interval=0.3):
         return 0
-    print(f"wait_for: no MQTT broker at {args.url} after {args.timeout:g} s", file=sys.stderr)
+    where = args.url.rpartition("@")[2]  # never print credentials
+    print(f"wait_for: no MQTT broker at {where} after {args.timeout:g} s", file=sys.stderr)
     return 1
 
 
