@@ -20,6 +20,7 @@ Senders:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
@@ -294,6 +295,8 @@ class BatchPublisher:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._idle = threading.Event()
+        self._idle.set()
+        self._stop_requested: asyncio.Event | None = None
 
     # -- caller side (the listener's thread) --
 
@@ -309,7 +312,8 @@ class BatchPublisher:
 
     def publish(self, devices: Sequence[Device], events: Sequence[ev.DeviceEvent]) -> None:
         """Queue a committed batch: changed devices (fresh rows) and the batch's events."""
-        if self._loop is None or self._stopping:
+        loop = self._loop
+        if loop is None or self._stopping:
             raise RuntimeError("BatchPublisher is not running: call start() first")
         states = [(d.owner_id, d.pk, device_state(d)) for d in devices]
         streams: list[tuple[ev.DeviceEvent, Message]] = []
@@ -332,14 +336,15 @@ class BatchPublisher:
                     self.dropped += 1
                 target.append(item)
             self._idle.clear()
-        self._loop.call_soon_threadsafe(self._wake)
+        with contextlib.suppress(RuntimeError):  # the loop closed: stop() raced with us
+            loop.call_soon_threadsafe(self._wake)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Send what is still buffered (within `timeout`), then stop the background thread."""
         if self._thread is None or self._loop is None:
             return
         self._stopping = True
-        self._loop.call_soon_threadsafe(self._wake)
+        self._loop.call_soon_threadsafe(self._request_stop)
         self._thread.join(timeout)
         if self._thread.is_alive():
             logger.warning("live publisher did not stop within %.1fs", timeout)
@@ -367,6 +372,11 @@ class BatchPublisher:
         if self._wakeup is not None:
             self._wakeup.set()
 
+    def _request_stop(self) -> None:
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+        self._wake()
+
     def _take(self) -> OrderedDict[str, _Pending]:
         with self._lock:
             batch, self._pending = self._pending, OrderedDict()
@@ -388,6 +398,7 @@ class BatchPublisher:
 
     async def _run(self, ready: threading.Event) -> None:
         self._wakeup = asyncio.Event()
+        self._stop_requested = asyncio.Event()
         # A layer instance of our own: layers hold loop-bound connections.
         layer = channel_layers.make_backend(self.layer_alias)
         limit = asyncio.Semaphore(self.concurrency)
@@ -420,10 +431,13 @@ class BatchPublisher:
                             self._wakeup.set()
                         else:
                             self._idle.set()
-                if self._stopping and not self._wakeup.is_set():
-                    break
+                if self._stop_requested.is_set():
+                    if not self._wakeup.is_set():
+                        break
+                    continue  # drain what came in meanwhile, without waiting
                 # Let the next batches accumulate: one message per group per interval.
-                await asyncio.sleep(self.flush_interval)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_requested.wait(), self.flush_interval)
         finally:
             closer = getattr(layer, "close", None) or getattr(layer, "close_pools", None)
             if closer is not None:
