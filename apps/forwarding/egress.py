@@ -1,0 +1,216 @@
+"""The egress guard: which addresses the platform may connect to on an owner's behalf.
+
+Owners type URLs and host names; the platform connects from inside the operator's network. Without
+a guard, a webhook to `http://169.254.169.254/` or `http://10.0.0.5/` turns the platform into a
+proxy into that network (SSRF). Checking the URL when it is saved is not enough: a name can
+resolve to a public address at save time and to a private one at send time (DNS rebinding). So the
+check that counts runs on the socket address *actually connected to*: `socket_factory()` is handed
+to aiohttp's connector, which calls it with each address it is about to connect to.
+
+Python 3.11's `ipaddress` misses special-purpose ranges (`192.0.0.8`, NAT64 and 6to4 forms of
+127.0.0.1 report `is_global=True`, FACTS.md), so the deny list is explicit, and `not is_global`
+is checked as well. IPv4-mapped/NAT64/6to4/Teredo IPv6 forms are refused outright: they are how a
+private IPv4 address hides inside an IPv6 one, and no real receiver needs them.
+
+The operator's `settings.EGRESS_ALLOW` lets CIDRs (on-premise receivers, the tests' loopback
+receiver) or exact host names through. Owners only ever see `GENERIC_ERROR`; the reason goes to
+the log, so the guard cannot be used to map the network.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+from urllib.parse import urlsplit
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+
+log = logging.getLogger(__name__)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+GENERIC_ERROR = "Could not connect to the destination"
+SAVE_ERROR = "This host cannot be reached from the platform."
+
+DENIED_NETWORKS: tuple[IPNetwork, ...] = tuple(
+    ipaddress.ip_network(cidr)
+    for cidr in (
+        # IPv4 (RFC 6890 and successors)
+        "0.0.0.0/8",  # "this network"; connecting to 0.0.0.0 reaches the local host on Linux
+        "10.0.0.0/8",
+        "100.64.0.0/10",  # carrier-grade NAT
+        "127.0.0.0/8",
+        "169.254.0.0/16",  # link-local, including cloud metadata 169.254.169.254
+        "172.16.0.0/12",
+        "192.0.0.0/24",  # IETF protocol assignments (192.0.0.8, DS-Lite, NAT64 discovery…)
+        "192.0.2.0/24",  # TEST-NET-1
+        "192.31.196.0/24",  # AS112
+        "192.52.193.0/24",  # AMT
+        "192.88.99.0/24",  # 6to4 relay anycast
+        "192.168.0.0/16",
+        "192.175.48.0/24",  # AS112 direct delegation
+        "198.18.0.0/15",  # benchmarking
+        "198.51.100.0/24",  # TEST-NET-2
+        "203.0.113.0/24",  # TEST-NET-3
+        "224.0.0.0/4",  # multicast
+        "240.0.0.0/4",  # reserved, and 255.255.255.255 broadcast
+        # IPv6
+        "::/128",
+        "::1/128",
+        "::/96",  # IPv4-compatible (deprecated)
+        "::ffff:0:0/96",  # IPv4-mapped
+        "::ffff:0:0:0/96",  # IPv4-translated (SIIT)
+        "64:ff9b::/96",  # NAT64 well-known prefix
+        "64:ff9b:1::/48",  # NAT64 local-use
+        "100::/64",  # discard-only
+        "2001::/23",  # IETF protocol assignments: Teredo, ORCHID, benchmarking…
+        "2001:db8::/32",  # documentation
+        "2002::/16",  # 6to4
+        "3fff::/20",  # documentation (2024)
+        "5f00::/16",  # SRv6 SIDs
+        "fc00::/7",  # unique local
+        "fe80::/10",  # link-local
+        "fec0::/10",  # site-local (deprecated)
+        "ff00::/8",  # multicast
+    )
+)
+
+
+class EgressDenied(OSError):
+    """Raised instead of connecting to a refused address. An OSError, so that aiohttp and
+    database drivers treat it as the connection failure it is."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(13, f"egress to {address} refused: {reason}")
+        self.address = address
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class _AllowList:
+    networks: tuple[IPNetwork, ...]
+    hosts: frozenset[str]
+
+
+@lru_cache(maxsize=8)
+def _parse_allow(entries: tuple[str, ...]) -> _AllowList:
+    networks, hosts = [], set()
+    for entry in entries:
+        entry = entry.strip()
+        if not entry:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            hosts.add(entry.lower().rstrip("."))
+    return _AllowList(tuple(networks), frozenset(hosts))
+
+
+def _allow_list() -> _AllowList:
+    # Read per call (cached per value) so override_settings in tests takes effect.
+    return _parse_allow(tuple(settings.EGRESS_ALLOW))
+
+
+def denial_reason(address: str | IPAddress, host: str | None = None) -> str | None:
+    """Why connecting to `address` (for URL host `host`) is refused, or None when allowed."""
+    try:
+        ip = ipaddress.ip_address(address) if isinstance(address, str) else address
+    except ValueError:
+        return "not an IP address"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
+        ip = ipaddress.IPv6Address(str(ip).split("%", 1)[0])
+    allow = _allow_list()
+    if host is not None and host.lower().rstrip(".") in allow.hosts:
+        return None
+    if any(ip.version == net.version and ip in net for net in allow.networks):
+        return None
+    for net in DENIED_NETWORKS:
+        if ip.version == net.version and ip in net:
+            return f"in special-purpose range {net}"
+    if not ip.is_global:
+        return "not a globally routable address"
+    return None
+
+
+def check_address(address: str, host: str | None = None) -> None:
+    reason = denial_reason(address, host)
+    if reason is not None:
+        raise EgressDenied(address, reason)
+
+
+# --- the connect-time seam ------------------------------------------------------------------
+
+
+def socket_factory(host: str, context: str = "") -> Callable[[tuple[Any, ...]], socket.socket]:
+    """A `socket_factory` for aiohttp's TCPConnector: refuses before any packet is sent.
+
+    It receives each address the connector is about to connect to — after DNS, for literals
+    too — so what is checked is exactly what is connected to.
+    """
+
+    def factory(addr_info: tuple[Any, ...]) -> socket.socket:
+        family, type_, proto, _canonname, sockaddr = addr_info
+        reason = denial_reason(sockaddr[0], host)
+        if reason is not None:
+            log.warning(
+                "egress refused %s host=%s address=%s: %s", context, host, sockaddr[0], reason
+            )
+            raise EgressDenied(sockaddr[0], reason)
+        return socket.socket(family=family, type=type_, proto=proto)
+
+    return factory
+
+
+def _getaddrinfo(host: str, port: int | None) -> list[tuple[Any, ...]]:
+    """DNS resolution. Its own function so that tests can make a name resolve as they need
+    (public, then private) without touching the platform's own checks."""
+    return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+
+
+def resolve_checked(host: str, port: int | None) -> list[str]:
+    """Resolve `host` and refuse when any address is denied (used before connecting by
+    drivers without a socket hook, and at save time); returns the allowed addresses."""
+    try:
+        infos = _getaddrinfo(host, port)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise EgressDenied(host, f"does not resolve ({exc})") from None
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    for address in addresses:
+        check_address(address, host)
+    return addresses
+
+
+# --- URLs -----------------------------------------------------------------------------------
+
+
+def validate_webhook_url(url: str, resolve: bool = True) -> None:
+    """Save-time check of a webhook URL: scheme, no credentials, and (when `resolve`) that the
+    host resolves to allowed addresses today. The connect-time check still applies later."""
+    parts = urlsplit(url)
+    allowed_schemes = ("https", "http") if settings.WEBHOOK_ALLOW_HTTP else ("https",)
+    if parts.scheme not in allowed_schemes:
+        raise ValidationError("Use an https:// URL.", code="scheme")
+    if parts.username or parts.password:
+        raise ValidationError(
+            "Put credentials in a secret header, not in the URL.", code="credentials"
+        )
+    if not parts.hostname:
+        raise ValidationError("The URL has no host.", code="host")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValidationError("The URL's port is not valid.", code="port") from None
+    if resolve:
+        try:
+            resolve_checked(parts.hostname, port)
+        except EgressDenied as exc:
+            log.info("webhook URL refused at save time: %s", exc)
+            # One text for "does not resolve" and "resolves somewhere refused": no probing.
+            raise ValidationError(SAVE_ERROR, code="egress") from None
