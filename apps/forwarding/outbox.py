@@ -1,12 +1,139 @@
-"""The delivery outbox. PLACEHOLDER: being built (issue 3)."""
+"""The delivery outbox: deliveries written in the same transaction as the events they carry.
+
+The listener calls `write_outbox(events)` inside its batch transaction (`apps.devices.ingest`),
+so an event is never stored without its deliveries, nor delivered without being stored. This is
+on the ingest hot path, hence:
+
+- the enabled destinations of an owner are cached for ROUTE_TTL seconds (one query per batch
+  for owners not cached, none otherwise), so an owner without destinations costs a dict lookup;
+- rows are inserted in bulk;
+- one Celery task per batch at most, after commit, and usually fewer: kicks are coalesced to
+  one per second (a running delivery worker finds new rows by itself; see `pipeline.py`).
+
+Changes to destinations reach a running listener within ROUTE_TTL seconds.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import base64
+import hashlib
+import logging
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+from django.db import transaction
+from django.utils import timezone
 
 from apps.devices.events import DeviceEvent
 
+from .models import Delivery, Destination
+
+log = logging.getLogger(__name__)
+
+ROUTE_TTL = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """An enabled destination and its filters, as the outbox needs them."""
+
+    destination_id: int
+    event_types: frozenset[str] | None  # None: every type
+    device_pks: frozenset[int] | None  # None: every device
+
+    def matches(self, event: DeviceEvent) -> bool:
+        return (self.event_types is None or event.type in self.event_types) and (
+            self.device_pks is None or event.device_pk in self.device_pks
+        )
+
+
+_routes: dict[int, tuple[float, tuple[Route, ...]]] = {}
+
+
+def forget_routes() -> None:
+    """Drop the cache (tests, and this process's own changes to destinations)."""
+    _routes.clear()
+
+
+def routes_for(owner_ids: Collection[int]) -> dict[int, tuple[Route, ...]]:
+    now = time.monotonic()
+    stale = [o for o in owner_ids if (entry := _routes.get(o)) is None or entry[0] < now]
+    if stale:
+        found: dict[int, list[Route]] = {o: [] for o in stale}
+        destinations = list(
+            Destination.objects.filter(owner_id__in=stale, enabled=True).values_list(
+                "id", "owner_id", "event_types"
+            )
+        )
+        devices: dict[int, set[int]] = {}
+        if destinations:
+            through = Destination.devices.through
+            for destination_id, device_pk in through.objects.filter(
+                destination_id__in=[d[0] for d in destinations]
+            ).values_list("destination_id", "device_id"):
+                devices.setdefault(destination_id, set()).add(device_pk)
+        for destination_id, owner_id, event_types in destinations:
+            pks = devices.get(destination_id)
+            found[owner_id].append(
+                Route(
+                    destination_id,
+                    frozenset(event_types) if event_types else None,
+                    frozenset(pks) if pks else None,
+                )
+            )
+        expires = now + ROUTE_TTL
+        for owner_id, routes in found.items():
+            _routes[owner_id] = (expires, tuple(routes))
+    return {o: _routes[o][1] for o in owner_ids}
+
+
+def message_id(destination_id: int, event_id: str) -> str:
+    """The webhook-id of an event for a destination: stable across retries and replays, and
+    the same if the outbox ever sees the event twice; opaque to the receiver."""
+    digest = hashlib.sha256(f"{destination_id}:{event_id}".encode()).digest()[:18]
+    return "msg_" + base64.urlsafe_b64encode(digest).decode()
+
 
 def write_outbox(events: Sequence[DeviceEvent]) -> int:
-    """Write one delivery per matching enabled destination, in the caller's transaction."""
-    return 0
+    """Write one delivery per matching enabled destination, in the caller's transaction.
+
+    Returns the number of deliveries written.
+    """
+    if not events:
+        return 0
+    routes = routes_for({event.owner_id for event in events})
+    now = timezone.now()
+    rows: list[Delivery] = []
+    for event in events:
+        payload = None
+        for route in routes.get(event.owner_id, ()):
+            if not route.matches(event):
+                continue
+            if payload is None:
+                payload = event.as_payload()
+            rows.append(
+                Delivery(
+                    owner_id=event.owner_id,
+                    destination_id=route.destination_id,
+                    event_id=event.event_id,
+                    event_type=event.type,
+                    device=event.device_id,
+                    message_id=message_id(route.destination_id, event.event_id),
+                    payload=payload,
+                    created_at=now,
+                    next_attempt_at=now,
+                )
+            )
+    if not rows:
+        return 0
+    # ignore_conflicts: an event already in the outbox (a re-run batch) must not fail ingest.
+    Delivery.objects.bulk_create(rows, batch_size=500, ignore_conflicts=True)
+    transaction.on_commit(_kick_after_commit, robust=True)
+    return len(rows)
+
+
+def _kick_after_commit() -> None:
+    from .tasks import kick  # the listener imports this module early; Celery only when needed
+
+    kick()

@@ -1,0 +1,330 @@
+"""The outbox's database side: claim due rows, record what happened, reclaim lost leases.
+
+Workers never hold a row by keeping a transaction open. A claim is one statement that flips due
+`pending` rows to `sending`, counts the attempt and stamps a lease (token + expiry). On
+PostgreSQL the rows are picked with `FOR UPDATE SKIP LOCKED`, so concurrent workers take disjoint
+rows without waiting; SQLite serialises writers, so the same conditional UPDATE is atomic there.
+Results are written back only where the lease token still matches: a worker that was presumed
+dead (lease expired, row reclaimed and sent again) cannot overwrite the newer attempt. A killed
+worker's rows come back through `reclaim_expired` once their lease runs out; the attempt it was
+making counts, because a broker cannot tell us how often a message was redelivered.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+from django.db import connection, transaction
+from django.db.models import F, Value
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from .models import Attempt, Delivery, Destination, Outcome, Status
+from .retry import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+ERROR_MAX = 300
+
+
+@dataclass(slots=True)
+class Claimed:
+    """A delivery a worker holds the lease of. Carries everything needed to send it."""
+
+    id: int
+    owner_id: int
+    destination_id: int
+    message_id: str
+    event_id: str
+    event_type: str
+    payload: dict[str, Any]
+    attempt: int  # the number of this attempt, 1-based
+
+
+@dataclass(slots=True)
+class Result:
+    """What one attempt came to, reported by a kind's transport."""
+
+    delivery_id: int
+    destination_id: int
+    owner_id: int
+    attempt: int
+    started_at: datetime
+    duration_ms: int
+    outcome: str  # Outcome.DELIVERED / RETRY / FAILED / GONE
+    status_code: int | None = None
+    error: str = ""
+    response: str = ""
+    retry_after: float | None = None  # seconds, from the receiver's Retry-After
+
+
+@dataclass
+class Recorded:
+    delivered: int = 0
+    retried: int = 0
+    failed: int = 0
+    stale: int = 0  # results whose lease had been taken over: ignored
+    gone_destinations: set[int] = field(default_factory=set)
+
+
+def _db_time(value: datetime) -> Any:
+    # Raw SQL: let the backend format datetimes (SQLite stores text) as the ORM would.
+    return connection.ops.adapt_datetimefield_value(value)
+
+
+def _table() -> str:
+    return connection.ops.quote_name(Delivery._meta.db_table)
+
+
+def claim(
+    destination_id: int, limit: int, token: str, lease_seconds: float, now: datetime | None = None
+) -> list[Claimed]:
+    """Take up to `limit` due deliveries of one destination, oldest first."""
+    if limit <= 0:
+        return []
+    now = now or timezone.now()
+    table = _table()
+    if connection.vendor == "postgresql":
+        # A CTE is evaluated once: the locked id set is exactly the updated one.
+        sql = f"""
+            WITH due AS (
+                SELECT id FROM {table}
+                WHERE destination_id = %s AND status = %s AND next_attempt_at <= %s
+                ORDER BY next_attempt_at, id
+                LIMIT %s
+                FOR UPDATE SKIP LOCKED
+            )
+            UPDATE {table} AS d
+            SET status = %s, attempts = d.attempts + 1, lease_token = %s,
+                lease_expires_at = %s, last_attempt_at = %s
+            FROM due WHERE d.id = due.id
+            RETURNING d.id, d.owner_id, d.message_id, d.event_id, d.event_type, d.payload,
+                      d.attempts
+        """  # noqa: S608 - table name from model meta, values bound
+    else:
+        sql = f"""
+            UPDATE {table}
+            SET status = %s, attempts = attempts + 1, lease_token = %s,
+                lease_expires_at = %s, last_attempt_at = %s
+            WHERE id IN (
+                SELECT id FROM {table}
+                WHERE destination_id = %s AND status = %s AND next_attempt_at <= %s
+                ORDER BY next_attempt_at, id
+                LIMIT %s
+            )
+            RETURNING id, owner_id, message_id, event_id, event_type, payload, attempts
+        """  # noqa: S608
+    lease_until = _db_time(now + timedelta(seconds=lease_seconds))
+    select_params = [destination_id, Status.PENDING, _db_time(now), limit]
+    update_params = [Status.SENDING, token, lease_until, _db_time(now)]
+    params = (
+        select_params + update_params
+        if connection.vendor == "postgresql"
+        else update_params + select_params
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    claimed = [
+        Claimed(
+            id=row[0],
+            owner_id=row[1],
+            destination_id=destination_id,
+            message_id=row[2],
+            event_id=row[3],
+            event_type=row[4],
+            payload=orjson.loads(row[5]) if isinstance(row[5], str | bytes) else row[5],
+            attempt=row[6],
+        )
+        for row in rows
+    ]
+    claimed.sort(key=lambda c: c.id)  # RETURNING has no order; send oldest first
+    return claimed
+
+
+def reclaim_expired(now: datetime | None = None) -> int:
+    """Put rows whose worker vanished (lease expired) back in line, and log the lost attempt."""
+    now = now or timezone.now()
+    table = _table()
+    sql = f"""
+        UPDATE {table}
+        SET status = %s, next_attempt_at = %s, lease_token = NULL, lease_expires_at = NULL,
+            last_error = %s
+        WHERE status = %s AND lease_expires_at < %s
+        RETURNING id, owner_id, destination_id, attempts, last_attempt_at
+    """  # noqa: S608
+    message = "The worker sending this was lost; it will be sent again."
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(
+                sql, [Status.PENDING, _db_time(now), message, Status.SENDING, _db_time(now)]
+            )
+            rows = cursor.fetchall()
+        Attempt.objects.bulk_create(
+            Attempt(
+                owner_id=owner_id,
+                destination_id=destination_id,
+                delivery_id=delivery_id,
+                number=attempts,
+                started_at=_parse_time(started) or now,
+                outcome=Outcome.INTERRUPTED,
+                error=message,
+            )
+            for delivery_id, owner_id, destination_id, attempts, started in rows
+        )
+    if rows:
+        log.warning("reclaimed %d deliveries whose lease expired", len(rows))
+    return len(rows)
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if value is None or isinstance(value, datetime):
+        return value
+    # SQLite hands raw text back from RETURNING.
+    parsed = datetime.fromisoformat(str(value))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.UTC)
+
+
+_UPDATE_CHUNK = 500
+
+
+def _update_leased(ids: list[int], token: str, values: dict[str, Any]) -> list[int]:
+    """Set the outcome of rows still leased by `token`; returns the ids that were.
+
+    One UPDATE … RETURNING per chunk, with the lease condition in its WHERE clause: a row that
+    was reclaimed meanwhile (someone else's now) is simply not matched.
+    """
+    table = _table()
+    done: list[int] = []
+    for start in range(0, len(ids), _UPDATE_CHUNK):
+        chunk = ids[start : start + _UPDATE_CHUNK]
+        marks = ", ".join(["%s"] * len(chunk))
+        sql = f"""
+            UPDATE {table}
+            SET status = %s, last_status_code = %s, last_error = %s, lease_token = NULL,
+                lease_expires_at = NULL, delivered_at = COALESCE(%s, delivered_at),
+                next_attempt_at = COALESCE(%s, next_attempt_at)
+            WHERE id IN ({marks}) AND lease_token = %s AND status = %s
+            RETURNING id
+        """  # noqa: S608 - table name from model meta, values bound
+        delivered_at, next_at = values.get("delivered_at"), values.get("next_attempt_at")
+        params = [
+            values["status"],
+            values["last_status_code"],
+            values["last_error"],
+            None if delivered_at is None else _db_time(delivered_at),
+            None if next_at is None else _db_time(next_at),
+            *chunk,
+            token,
+            Status.SENDING,
+        ]
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            done.extend(row[0] for row in cursor.fetchall())
+    return done
+
+
+def record(results: Iterable[Result], token: str, policies: dict[int, RetryPolicy]) -> Recorded:
+    """Write a batch of attempt results: delivery states, the attempt log, destination figures.
+
+    One transaction, a handful of statements per batch whatever its size: rows are grouped by
+    the values they get (status code, error, retry time rounded to the second).
+    """
+    now = timezone.now()
+    summary = Recorded()
+    groups: dict[tuple, list[Result]] = defaultdict(list)
+    for r in results:
+        if r.outcome == Outcome.DELIVERED:
+            key: tuple = (Status.DELIVERED, r.status_code, "", None)
+        elif r.outcome == Outcome.GONE:
+            # Back in line, so that re-enabling the destination delivers it.
+            key = (Status.PENDING, r.status_code, r.error, now)
+        else:
+            delay = None
+            if r.outcome == Outcome.RETRY:
+                policy = policies.get(r.destination_id) or RetryPolicy()
+                delay = policy.delay_after(r.attempt, r.retry_after)
+            if delay is None:
+                if r.outcome == Outcome.RETRY:
+                    r.outcome = Outcome.FAILED
+                    r.error = f"{r.error} (gave up after {r.attempt} attempts)"[:ERROR_MAX]
+                key = (Status.FAILED, r.status_code, r.error, None)
+            else:
+                due = (now + timedelta(seconds=delay)).replace(microsecond=0)
+                key = (Status.PENDING, r.status_code, r.error, due)
+        groups[key].append(r)
+
+    mine: set[int] = set()
+    with transaction.atomic():
+        for (status, code, error, due), members in groups.items():
+            values: dict[str, Any] = {
+                "status": status,
+                "last_status_code": code,
+                "last_error": error[:ERROR_MAX],
+                "delivered_at": now if status == Status.DELIVERED else None,
+                "next_attempt_at": due,
+            }
+            mine.update(_update_leased([r.delivery_id for r in members], token, values))
+
+        kept = [r for members in groups.values() for r in members if r.delivery_id in mine]
+        summary.stale = sum(len(m) for m in groups.values()) - len(kept)
+        Attempt.objects.bulk_create(
+            (
+                Attempt(
+                    owner_id=r.owner_id,
+                    destination_id=r.destination_id,
+                    delivery_id=r.delivery_id,
+                    number=r.attempt,
+                    started_at=r.started_at,
+                    duration_ms=r.duration_ms,
+                    outcome=r.outcome,
+                    status_code=r.status_code,
+                    error=r.error[:ERROR_MAX],
+                    response=r.response[:512],
+                )
+                for r in kept
+            ),
+            batch_size=500,
+        )
+        _update_destinations(kept, now, summary)
+    return summary
+
+
+def _update_destinations(kept: list[Result], now: datetime, summary: Recorded) -> None:
+    by_destination: dict[int, list[Result]] = defaultdict(list)
+    for r in kept:
+        by_destination[r.destination_id].append(r)
+    for destination_id, results in by_destination.items():
+        ok = sum(r.outcome == Outcome.DELIVERED for r in results)
+        retried = sum(r.outcome == Outcome.RETRY for r in results)
+        failed = sum(r.outcome == Outcome.FAILED for r in results)
+        summary.delivered += ok
+        summary.retried += retried
+        summary.failed += failed
+        values: dict[str, Any] = {
+            "delivered_count": F("delivered_count") + ok,
+            "retried_count": F("retried_count") + retried,
+            "failed_count": F("failed_count") + failed,
+            "attempt_count": F("attempt_count") + len(results),
+        }
+        errors = [r for r in results if r.outcome != Outcome.DELIVERED]
+        if ok:
+            values["last_success_at"] = now
+            values["failing_since"] = None
+            values["alerted_at"] = None
+        elif errors:
+            values["failing_since"] = Coalesce(F("failing_since"), Value(now))
+        if errors:
+            last = errors[-1]
+            code = f"HTTP {last.status_code}: " if last.status_code else ""
+            values["last_error"] = f"{code}{last.error}"[:ERROR_MAX]
+            values["last_error_at"] = now
+        Destination.objects.filter(pk=destination_id).update(**values)
+        if any(r.outcome == Outcome.GONE for r in results):
+            summary.gone_destinations.add(destination_id)

@@ -1,0 +1,107 @@
+"""The registry of delivery kinds: one outbox, one pipeline, one monitoring page; N kinds.
+
+A kind is a sub-package (`apps/forwarding/webhook/`, later `apps/forwarding/database/`) with a
+child model of `Destination` and a `Transport`. The pipeline (`pipeline.py`) only speaks this
+interface: it claims rows, hands them to the kind's transport, and records the `Result`s the
+transport reports. A webhook transport sends each row as its own concurrent request; a database
+transport would take a batch and write it in one statement — same interface.
+
+Adding a kind: write the sub-package, then add one line to KINDS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from django.apps import apps
+from django.db.models import Model
+from django.utils.module_loading import import_string
+
+from .claims import Claimed, Result
+from .retry import RetryPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class TargetConfig:
+    """What the pipeline needs of a destination; `settings` is the kind's own (decrypted) part.
+
+    Built in the worker and never serialised: secrets stay in its memory."""
+
+    destination_id: int
+    owner_id: int
+    kind: str
+    version: float  # changes whenever the destination is edited
+    policy: RetryPolicy
+    rate_limit: int | None
+    lease_seconds: float
+    settings: Any
+
+
+@dataclass(frozen=True, slots=True)
+class TestResult:
+    ok: bool
+    message: str
+    status_code: int | None = None
+    duration_ms: int | None = None
+
+
+class Transport(Protocol):
+    def load(self, destination_ids: Collection[int]) -> dict[int, TargetConfig]:
+        """Configs of these (enabled) destinations, secrets decrypted."""
+
+    def capacity(self, config: TargetConfig, in_flight: int) -> int:
+        """How many more rows this worker may hand over now (in-flight caps, batch sizes)."""
+
+    def start(
+        self, config: TargetConfig, rows: list[Claimed], report: Callable[[Result], None]
+    ) -> None:
+        """Begin sending without blocking; call `report` (from any thread) once per row."""
+
+    def test(self, destination: Model) -> TestResult:
+        """Test Connection: blocking, bounded by the destination's timeout."""
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Kind:
+    key: str
+    label: str
+    model_label: str
+    transport_path: str
+
+    @property
+    def model(self) -> type[Model]:
+        return apps.get_model(self.model_label)
+
+
+KINDS: dict[str, Kind] = {
+    kind.key: kind
+    for kind in (
+        Kind(
+            "webhook",
+            "Webhook",
+            "forwarding.WebhookDestination",
+            "apps.forwarding.webhook.transport.WebhookTransport",
+        ),
+    )
+}
+
+
+_transports: dict[str, Transport] = {}
+
+
+def transport(key: str) -> Transport:
+    """The process's transport for a kind (it owns connection pools: one per process)."""
+    found = _transports.get(key)
+    if found is None:
+        found = _transports[key] = import_string(KINDS[key].transport_path)()
+    return found
+
+
+def close_transports() -> None:
+    for found in _transports.values():
+        found.close()
+    _transports.clear()
