@@ -7,15 +7,17 @@ the small formatting helpers below).
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta
 from itertools import groupby
 from typing import Any
 
 from django.contrib.auth.decorators import login_required
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
+from django.views.decorators.http import require_POST
 
 from apps.owners.models import Role
 from apps.owners.scoping import get_for_user_or_404, has_role, scope
@@ -80,11 +82,7 @@ def _can_command(request: HttpRequest, owner_id: int) -> bool:
 
 
 def _command_context() -> dict[str, Any]:
-    # The buttons appear once the command layer (apps.devices.commands) is in place.
-    return {
-        "commands_ready": hasattr(commands, "execute_command"),
-        "command_actions": COMMAND_ACTIONS,
-    }
+    return {"command_actions": COMMAND_ACTIONS}
 
 
 def _admin_url(request: HttpRequest, device: Device) -> str:
@@ -151,4 +149,61 @@ def device_detail(request: HttpRequest, device_id: str) -> HttpResponse:
             "page": "device",
             **_command_context(),
         },
+    )
+
+
+REFUSAL_STATUS = {
+    commands.CommandRefused.FORBIDDEN: 403,
+    commands.CommandRefused.OFFLINE: 409,
+    commands.CommandRefused.INVALID: 400,
+}
+
+
+def _error(status: int, error: str, detail: str) -> JsonResponse:
+    return JsonResponse({"error": error, "detail": detail}, status=status)
+
+
+@login_required
+@require_POST
+def device_command(request: HttpRequest, device_id: str) -> HttpResponse:
+    """Switch a relay from the live pages: `{"action": "ON"|"OFF"|"TOGGLE", "relay": n}`.
+
+    Answers 202 with the command's id and status (`published`, `queued`, `failed`); its
+    confirmation reaches the page as a live `command` message. CSRF-protected like any POST.
+    """
+    device = get_for_user_or_404(Device.objects.all(), request.user, device_id=device_id)
+    if not _can_command(request, device.owner_id):
+        return _error(403, "forbidden", "Only operators, admins and owners may switch devices.")
+    if request.content_type == "application/json":
+        try:
+            body = json.loads(request.body or b"{}")
+        except ValueError:
+            return _error(400, "invalid", "The request body is not JSON.")
+    else:
+        body = request.POST
+    if not hasattr(body, "get"):
+        return _error(400, "invalid", "The request body must be a JSON object.")
+    relay = body.get("relay")
+    if relay in (None, ""):
+        relay = None
+    else:
+        try:
+            relay = int(relay)
+        except (TypeError, ValueError):
+            return _error(400, "invalid", "Relay must be a number.")
+    try:
+        command = commands.execute_command(
+            device=device, action=str(body.get("action", "")), relay=relay, issuer=request.user
+        )
+    except commands.CommandRefused as refused:
+        return _error(REFUSAL_STATUS.get(refused.code, 400), refused.code, refused.message)
+    return JsonResponse(
+        {
+            "command_id": str(command.request_id),
+            "status": command.status,
+            "detail": command.detail,
+            "action": command.action,
+            "relay": command.relay,
+        },
+        status=202,
     )

@@ -360,6 +360,18 @@
     return root.dataset.commandUrl.replace("__id__", encodeURIComponent(deviceId));
   }
 
+  const OPEN_STATUSES = new Set(["pending", "queued", "published"]);
+  const PENDING_GIVE_UP_MS = 30000;
+  // Results seen on the socket, by command id: a confirmation can overtake the POST's answer.
+  const commandResults = new Map();
+
+  function settle(row, status, detail) {
+    delete row.dataset.pending;
+    row.classList.remove("pending");
+    if (status === "confirmed") flash(row);
+    else toast("Command " + status + (detail ? ": " + detail : ""), "error");
+  }
+
   async function sendCommand(button) {
     const tile = button.closest(".tile");
     const row = button.closest(".relay");
@@ -374,9 +386,18 @@
         credentials: "same-origin",
       });
       const data = await response.json().catch(() => ({}));
-      if (!response.ok) throw new Error(data.detail || data.error || "command failed (" + response.status + ")");
-      row.dataset.pending = data.command_id;
-      commandUpdate({ device: tile.dataset.device, ...data });
+      if (!response.ok) throw new Error(data.detail || "Command failed (" + response.status + ")");
+      const known = commandResults.get(data.command_id);
+      const result = known && !OPEN_STATUSES.has(known.status) ? known : data;
+      if (OPEN_STATUSES.has(result.status)) {
+        row.dataset.pending = data.command_id;
+        // The socket may be down; do not leave the buttons disabled for ever.
+        setTimeout(() => {
+          if (row.dataset.pending === data.command_id) settle(row, "unconfirmed", "no answer yet");
+        }, PENDING_GIVE_UP_MS);
+      } else {
+        settle(row, result.status, result.detail);
+      }
     } catch (error) {
       delete row.dataset.pending;
       row.classList.remove("pending");
@@ -386,13 +407,11 @@
 
   function commandUpdate(message) {
     if (!message.command_id) return;
-    for (const row of document.querySelectorAll('.relay[data-pending="' + CSS.escape(message.command_id) + '"]')) {
-      if (message.status === "published" || message.status === "queued") continue;
-      delete row.dataset.pending;
-      row.classList.remove("pending");
-      if (message.status === "confirmed") flash(row);
-      else toast("Command " + message.status + (message.detail ? ": " + message.detail : ""), "error");
-    }
+    commandResults.set(message.command_id, message);
+    if (commandResults.size > 100) commandResults.delete(commandResults.keys().next().value);
+    if (OPEN_STATUSES.has(message.status)) return;
+    const selector = '.relay[data-pending="' + CSS.escape(message.command_id) + '"]';
+    for (const row of document.querySelectorAll(selector)) settle(row, message.status, message.detail);
   }
 
   document.addEventListener("click", (event) => {
