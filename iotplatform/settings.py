@@ -14,6 +14,7 @@ from pathlib import Path
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
+from django.urls import reverse_lazy
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -68,9 +69,10 @@ SITE_URL = env.str("SITE_URL", default="http://127.0.0.1:8000")
 
 INSTALLED_APPS = [
     "daphne",
-    "unfold",
+    # unfold without its own admin site: ours admits members (apps.owners.admin_site).
+    "unfold.apps.BasicAppConfig",
     "unfold.contrib.filters",
-    "django.contrib.admin",
+    "apps.owners.admin_apps.PlatformAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -298,7 +300,60 @@ UNFOLD = {
     "SITE_HEADER": "iotplatform",
     "SITE_SYMBOL": "lightbulb",
     "SHOW_HISTORY": True,
-    "SIDEBAR": {"show_search": True, "show_all_applications": True},
+    "SIDEBAR": {
+        "show_search": True,
+        "show_all_applications": True,
+        "navigation": [
+            {
+                "title": "IoT platform",
+                "items": [
+                    {
+                        "title": "Live dashboard",
+                        "icon": "dashboard",
+                        "link": reverse_lazy("dashboard"),
+                        # Outside the admin; unfold would call "/" active on every page.
+                        "active": False,
+                    },
+                    {
+                        "title": "IoT Owners",
+                        "icon": "corporate_fare",
+                        "link": reverse_lazy("admin:owners_owner_changelist"),
+                        "permission": "apps.owners.admin_site.is_member_or_superuser",
+                    },
+                    {
+                        "title": "Devices",
+                        "icon": "lightbulb",
+                        "link": reverse_lazy("admin:devices_device_changelist"),
+                        "permission": "apps.owners.admin_site.is_member_or_superuser",
+                    },
+                    {
+                        "title": "Telemetry",
+                        "icon": "monitoring",
+                        "link": reverse_lazy("admin:devices_telemetry_changelist"),
+                        "permission": "apps.owners.admin_site.is_member_or_superuser",
+                    },
+                    {
+                        "title": "Transitions",
+                        "icon": "swap_horiz",
+                        "link": reverse_lazy("admin:devices_transition_changelist"),
+                        "permission": "apps.owners.admin_site.is_member_or_superuser",
+                    },
+                    {
+                        "title": "Quarantine",
+                        "icon": "gpp_maybe",
+                        "link": reverse_lazy("admin:devices_quarantinedmessage_changelist"),
+                        "permission": "apps.owners.admin_site.is_member_or_superuser",
+                    },
+                    {
+                        "title": "Users",
+                        "icon": "group",
+                        "link": reverse_lazy("admin:accounts_user_changelist"),
+                        "permission": "apps.owners.admin_site.is_superuser",
+                    },
+                ],
+            },
+        ],
+    },
 }
 
 REST_FRAMEWORK = {
