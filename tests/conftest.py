@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -134,6 +135,43 @@ def mqtt_broker() -> Iterator[Broker]:
             time.sleep(0.1)
     try:
         yield Broker(f"mqtt://127.0.0.1:{port}", "3.1.1", "127.0.0.1", port)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def private_mosquitto(tmp_path) -> Iterator[Broker]:
+    """A Mosquitto of this test's own, configured to queue without limit for offline sessions.
+
+    The system Mosquitto keeps only 1,000 queued messages per offline client (its default), and
+    is shared with whatever else runs on the machine; crash tests need neither.
+    """
+    binary = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+    )
+    if not binary:
+        pytest.skip(
+            "needs the mosquitto binary (the embedded broker keeps no session across a crash)"
+        )
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        "max_queued_messages 0\nmax_inflight_messages 0\n"
+    )
+    proc = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mosquitto did not start: {proc.stderr.read()!r}") from None
+            time.sleep(0.05)
+    try:
+        yield Broker(f"mqtt://127.0.0.1:{port}", "5", "127.0.0.1", port)
     finally:
         proc.terminate()
         proc.wait(10)
