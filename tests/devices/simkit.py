@@ -87,6 +87,7 @@ class Spy:
 
     def __init__(self, host: str, port: int, topics: list[str]) -> None:
         self.seen: list[Seen] = []
+        self.topics = topics
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self.client = mqtt.Client(
@@ -101,6 +102,10 @@ class Spy:
             raise AssertionError("spy could not subscribe")
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        # amqtt 0.12 also sends a new client retained messages matching other clients'
+        # subscriptions: keep only what this spy asked for.
+        if not any(mqtt.topic_matches_sub(t, msg.topic) for t in self.topics):
+            return
         with self._lock:
             self.seen.append(Seen(msg.topic, msg.payload, bool(msg.retain), msg.qos))
 

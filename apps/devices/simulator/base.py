@@ -27,7 +27,8 @@ class Message:
     payload: bytes
     qos: int = 0
     retain: bool = False
-    # What the message is, for the summary ("status", "lwt", "telemetry", ...).
+    # What the message is, for the summary: "lwt" (online/offline presence, whatever the
+    # profile calls its topic), "status", "telemetry", "ack", ...
     kind: str = ""
 
 

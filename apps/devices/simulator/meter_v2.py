@@ -74,11 +74,11 @@ class MeterV2(SimDevice):
 
     # --- lifecycle --------------------------------------------------------------------------
     def will(self) -> Message:
-        return self.msg(f"{self.base}/status", dumps({"status": "offline"}), "status", retain=True)
+        return self.msg(f"{self.base}/status", dumps({"status": "offline"}), "lwt", retain=True)
 
     def online(self) -> list[Message]:
         status = dumps({"status": "online"})
-        return [self.msg(f"{self.base}/status", status, "status", retain=True), self.hello()]
+        return [self.msg(f"{self.base}/status", status, "lwt", retain=True), self.hello()]
 
     def offline(self) -> Message:
         return self.will()

@@ -21,9 +21,9 @@ import random
 import socket
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -46,6 +46,7 @@ DEVICE_CLASSES: dict[str, type[SimDevice]] = {
 }
 BURST_BATCH = 200  # reports per turn of the loop in burst mode
 BACKOFF_MAX = 30.0
+HANDSHAKE_TIMEOUT = 10.0
 
 
 @dataclass
@@ -62,7 +63,10 @@ class RunOptions:
     messages: int | None = None  # stop after this many periodic messages
     abrupt: bool = False  # stop without DISCONNECT, so the broker publishes the wills
     drain_timeout: float = 10.0
-    connect_spacing: float = 0.001  # between the first connects of consecutive devices
+    # MQTT handshakes (CONNECT .. last SUBACK) in flight at once. 1 by default: amqtt 0.12
+    # drops a connecting client when another one subscribes meanwhile ("dictionary changed
+    # size during iteration" in broker.py); Mosquitto takes any number.
+    connect_concurrency: int = 1
 
 
 @dataclass
@@ -127,6 +131,7 @@ class Conn:
     sent: int = 0
     done: int = 0
     connected: bool = False
+    subacks: int = 0  # SUBSCRIBEs still unanswered
 
     @property
     def pending(self) -> int:
@@ -157,8 +162,9 @@ class Link:
         return self.conn is not None and self.conn.connected
 
     def route(self, topic: str) -> SimDevice | None:
-        if len(self.devices) == 1:
-            return self.devices[0]
+        """The device subscribed to `topic`. Checked even on a device's own connection:
+        amqtt 0.12 hands a connecting client the retained messages matching *any* client's
+        subscriptions (broker.py, after CONNACK), so foreign topics do arrive."""
         return self.exact.get(topic) or self.prefixed.get(topic.rsplit("/", 1)[0])
 
 
@@ -202,6 +208,8 @@ class Simulator:
         self._abrupt = options.abrupt
         self.stage = "new"  # -> running -> draining [-> goodbye -> closing] -> done
         self._burst_next = 0
+        self._connect_queue: deque[Link] = deque()
+        self._handshaking: set[Conn] = set()
 
     # --- Host API (for devices) -------------------------------------------------------------
     def publish(self, device: SimDevice, message: Message) -> None:
@@ -235,7 +243,7 @@ class Simulator:
             return
         self._kill(link)  # no DISCONNECT: the broker publishes the will, as on a power cut
         device.boot()
-        self.call_later(self.options.connect_spacing + 0.2, lambda: self._connect(link))
+        self.call_later(0.2, lambda: self._request_connect(link))
 
     # --- control ----------------------------------------------------------------------------
     def request_stop(self, *, abrupt: bool | None = None, force: bool = False) -> None:
@@ -250,8 +258,8 @@ class Simulator:
         self.stage = "running"
         self.stats = Stats()
         now = time.monotonic()
-        for i, link in enumerate(self.links):
-            self._at(now + i * self.options.connect_spacing, lambda link=link: self._connect(link))
+        self._connect_queue.extend(self.links)
+        self._at(now, self._pump_connects)
         if self.options.rate == 0:
             self._at(now, self._burst)
         else:
@@ -323,6 +331,28 @@ class Simulator:
         return all(link.conn is None or link.conn.client.socket() is None for link in self.links)
 
     # --- connections ------------------------------------------------------------------------
+    def _request_connect(self, link: Link) -> None:
+        self._connect_queue.append(link)
+        self._pump_connects()
+
+    def _pump_connects(self) -> None:
+        while self._connect_queue and len(self._handshaking) < self.options.connect_concurrency:
+            self._connect(self._connect_queue.popleft())
+
+    def _handshake_over(self, conn: Conn) -> None:
+        if conn in self._handshaking:
+            self._handshaking.discard(conn)
+            self._pump_connects()
+
+    def _handshake_timeout(self, conn: Conn) -> None:
+        if conn not in self._handshaking:
+            return
+        link = conn.link
+        if link.conn is conn:
+            self._kill(link)
+            self._retry(link, f"no answer from the broker within {HANDSHAKE_TIMEOUT:g}s")
+        self._handshake_over(conn)
+
     def _connect(self, link: Link) -> None:
         if self.stage != "running":
             return
@@ -346,8 +376,11 @@ class Simulator:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
         self.reactor.attach(client)
         link.conn = conn
+        self._handshaking.add(conn)
+        self.call_later(HANDSHAKE_TIMEOUT, lambda: self._handshake_timeout(conn))
         try:
             if o.protocol == mqtt.MQTTv5:
                 client.connect(o.broker.host, o.broker.port, o.keepalive, clean_start=True)
@@ -355,6 +388,7 @@ class Simulator:
                 client.connect(o.broker.host, o.broker.port, o.keepalive)
         except (OSError, ValueError) as exc:
             link.conn = None
+            self._handshaking.discard(conn)  # the caller's pump goes on with the next link
             self._retry(link, f"cannot connect to {o.broker}: {exc}")
 
     def _retry(self, link: Link, why: str) -> None:
@@ -364,7 +398,7 @@ class Simulator:
         log.log(level, "%s: %s; retrying in %.1fs", link.name, why, link.backoff)
         delay = link.backoff * self.rng.uniform(0.8, 1.2)
         link.backoff = min(BACKOFF_MAX, link.backoff * 2)
-        self.call_later(delay, lambda: self._connect(link))
+        self.call_later(delay, lambda: self._request_connect(link))
 
     def _kill(self, link: Link) -> None:
         """Drop the connection without DISCONNECT, leaving paho out of it."""
@@ -372,6 +406,7 @@ class Simulator:
         if conn is None:
             return
         conn.connected = False
+        self._handshake_over(conn)
         sock = conn.client.socket()
         if sock is None:
             return
@@ -394,7 +429,7 @@ class Simulator:
                 self._kill(link)
                 continue
             for device in link.devices:
-                self.publish(device, device.offline())
+                self.publish(device, replace(device.offline(), kind="goodbye"))
 
     def _disconnect_all(self) -> None:
         for link in self.links:
@@ -419,6 +454,9 @@ class Simulator:
         filters = [(f, 1) for d in link.devices for f in d.subscriptions()]
         for i in range(0, len(filters), 100):
             client.subscribe(filters[i : i + 100])
+            conn.subacks += 1
+        if not conn.subacks:
+            self._handshake_over(conn)
         for device in link.devices:
             for message in device.online():
                 self.publish(device, message)
@@ -428,15 +466,23 @@ class Simulator:
     ) -> None:
         link = conn.link
         conn.connected = False
+        self._handshake_over(conn)
         if link.conn is not conn or self.stage != "running":
             return
         link.conn = None
         self._retry(link, f"connection lost ({reason})")
 
+    def _on_subscribe(
+        self, client: mqtt.Client, conn: Conn, mid: int, reasons: Any, props: Any
+    ) -> None:
+        conn.subacks -= 1
+        if conn.subacks <= 0:
+            self._handshake_over(conn)
+
     def _on_message(self, client: mqtt.Client, conn: Conn, message: mqtt.MQTTMessage) -> None:
         device = conn.link.route(message.topic)
         if device is None:
-            log.debug("no simulated device for %s", message.topic)
+            log.debug("ignoring %s: no simulated device subscribed to it", message.topic)
             return
         self.stats.commands[device.profile] += 1
         try:

@@ -115,6 +115,14 @@ class Command(BaseCommand):
         how.add_argument("--protocol", choices=["3.1.1", "5"], default="3.1.1")
         how.add_argument("--ca-file", help="CA bundle for mqtts:// brokers")
         how.add_argument("--max-inflight", type=int, default=100, help="QoS 1 window (100)")
+        how.add_argument(
+            "--connect-concurrency",
+            type=int,
+            default=1,
+            metavar="N",
+            help="MQTT handshakes in flight at once (1: safe with the embedded broker; "
+            "raise it for Mosquitto and big fleets)",
+        )
         how.add_argument("--json", action="store_true", help="print the summary as JSON")
         how.add_argument("--seed", type=int, help="make values and timing reproducible")
 
@@ -174,6 +182,7 @@ class Command(BaseCommand):
                 protocol=mqtt.MQTTv5 if o["protocol"] == "5" else mqtt.MQTTv311,
                 ca_file=o["ca_file"],
                 max_inflight=o["max_inflight"],
+                connect_concurrency=max(1, o["connect_concurrency"]),
                 rate=o["rate"],
                 duration=o["duration"],
                 messages=o["messages"],
