@@ -156,9 +156,9 @@ class Drainer:
         self.rotation += 1
         for i in range(count):
             destination_id = active[(first + i) % count]
-            if destination_id in self.drained:
-                continue
-            config = self.configs[destination_id]
+            config = self.configs.get(destination_id)
+            if config is None or destination_id in self.drained:
+                continue  # disabled since the last discovery (410), or nothing left
             transport = kinds.transport(config.kind)
             in_flight = self.in_flight[destination_id]
             free = transport.capacity(config, in_flight)

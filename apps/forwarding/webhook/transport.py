@@ -197,6 +197,7 @@ class WebhookTransport:
         # Touched only from the loop thread.
         self._sessions: dict[int, tuple[float, aiohttp.ClientSession]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._retired: set[aiohttp.ClientSession] = set()
 
     # --- the pipeline's side (worker thread) ------------------------------------------------
 
@@ -278,6 +279,7 @@ class WebhookTransport:
             self._thread = thread = _LoopThread()
             self._sessions = {}
             self._tasks = set()
+            self._retired = set()
         return thread.loop
 
     # --- the loop's side ----------------------------------------------------------------------
@@ -289,9 +291,8 @@ class WebhookTransport:
         if entry is not None:
             # Edited: new pool; the old one closes once its requests have had their deadline.
             old = entry[1]
-            asyncio.get_running_loop().call_later(
-                MAX_TIMEOUT + 5, lambda: asyncio.ensure_future(old.close())
-            )
+            self._retired.add(old)
+            asyncio.get_running_loop().call_later(MAX_TIMEOUT + 5, self._close_retired, old)
         session = _new_session(config.settings, f"destination={config.destination_id}")
         self._sessions[config.destination_id] = (config.version, session)
         return session
@@ -390,7 +391,15 @@ class WebhookTransport:
             message = classify(code)[1]
         return TestResult(ok, message, code, ms)
 
+    def _close_retired(self, session: aiohttp.ClientSession) -> None:
+        if session in self._retired:
+            self._retired.discard(session)
+            task = asyncio.ensure_future(session.close())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
     async def _close_sessions(self) -> None:
-        for _version, session in self._sessions.values():
+        for session in [*(s for _v, s in self._sessions.values()), *self._retired]:
             await session.close()
         self._sessions.clear()
+        self._retired.clear()
