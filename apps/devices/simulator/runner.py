@@ -47,6 +47,7 @@ DEVICE_CLASSES: dict[str, type[SimDevice]] = {
 BURST_BATCH = 200  # reports per turn of the loop in burst mode
 BACKOFF_MAX = 30.0
 HANDSHAKE_TIMEOUT = 10.0
+BURST_WAIT = 30.0  # seconds a burst waits for every device to be connected
 
 
 @dataclass
@@ -531,6 +532,11 @@ class Simulator:
     def _burst(self) -> None:
         """Rate 0: report round-robin as fast as back-pressure allows."""
         if self.stage != "running" or self._stop.is_set():
+            return
+        now = time.monotonic()
+        if now - self.stats.started < BURST_WAIT and not all(link.up for link in self.links):
+            # Start together: else the first devices to connect would send the whole burst.
+            self._at(now + 0.02, self._burst)
             return
         sent = misses = 0
         n = len(self.devices)
