@@ -61,18 +61,45 @@ def ago(then: datetime | None, now: datetime | None = None) -> str:
     return f"{seconds // 86400} d ago"
 
 
-def tile(device: Device, now: datetime | None = None) -> dict[str, Any]:
+def scaled(name: str, value: float) -> tuple[str, str]:
+    """A reading as text and unit, large powers and energies in k/M (live.js `scaled`)."""
+    unit = UNITS.get(name, "")
+    if name == "power" and abs(value) >= 1e6:
+        value, unit = value / 1e6, "MW"
+    elif name == "power" and abs(value) >= 1e3:
+        value, unit = value / 1e3, "kW"
+    elif name == "energy" and abs(value) >= 1e4:
+        value, unit = value / 1e3, "MWh"
+    return format_number(value), unit
+
+
+def reading_items(state: dict[str, Any], *, info: bool = True) -> list[dict[str, str]]:
+    """The small cards of a tile: readings first, then (`info`) signal and firmware.
+
+    live.js `readingItems` does the same; the device page lists signal and firmware as facts.
+    """
+    items = []
+    for name, value in list(live.chart_values(state["last_reading"]).items())[:TILE_READINGS]:
+        text, unit = scaled(name, value)
+        items.append({"name": name, "value": text, "unit": unit})
+    if not info:
+        return items
+    if state["rssi"] is not None and len(items) < TILE_READINGS:
+        items.append({"name": "signal", "value": str(state["rssi"]), "unit": "dBm"})
+    if state["firmware"] and len(items) < TILE_READINGS:
+        items.append({"name": "firmware", "value": state["firmware"], "unit": ""})
+    return items
+
+
+def tile(device: Device, now: datetime | None = None, *, info: bool = True) -> dict[str, Any]:
     """`device_state` plus what a template cannot compute itself."""
     state = live.device_state(device)
-    readings = list(live.chart_values(state["last_reading"]).items())[:TILE_READINGS]
     return {
         **state,
         "relay_states": [
             {"index": n, "state": state["power"].get(str(n), "")} for n in state["relays"]
         ],
-        "readings": [
-            {"name": k, "value": format_number(v), "unit": UNITS.get(k, "")} for k, v in readings
-        ],
+        "readings": reading_items(state, info=info),
         "last_seen_text": ago(device.last_seen_at, now),
     }
 
@@ -141,7 +168,7 @@ def device_detail(request: HttpRequest, device_id: str) -> HttpResponse:
         "devices/device_detail.html",
         {
             "device": device,
-            "t": tile(device),
+            "t": tile(device, info=False),
             "transitions": transitions,
             "chart_points": points,
             "can_command": _can_command(request, device.owner_id),

@@ -150,17 +150,34 @@
     }
   }
 
+  function scaled(name, value) {
+    let unit = UNITS[name] || "";
+    if (name === "power" && Math.abs(value) >= 1e6) { value /= 1e6; unit = "MW"; }
+    else if (name === "power" && Math.abs(value) >= 1e3) { value /= 1e3; unit = "kW"; }
+    else if (name === "energy" && Math.abs(value) >= 1e4) { value /= 1e3; unit = "MWh"; }
+    return [formatNumber(value), unit];
+  }
+
+  function readingItems(state, info) {
+    const items = Object.entries(chartValues(state.last_reading)).slice(0, TILE_READINGS)
+      .map(([name, value]) => [name, ...scaled(name, value)]);
+    if (!info) return items;
+    if (state.rssi !== null && items.length < TILE_READINGS) items.push(["signal", String(state.rssi), "dBm"]);
+    if (state.firmware && items.length < TILE_READINGS) items.push(["firmware", state.firmware, ""]);
+    return items;
+  }
+
   function updateReadings(tile, state) {
     const box = tile.querySelector('[data-field="readings"]');
     if (!box) return;
-    const entries = Object.entries(chartValues(state.last_reading)).slice(0, TILE_READINGS);
-    box.replaceChildren(...entries.map(([name, value]) => {
+    const info = !tile.classList.contains("tile-flat"); // the device page lists them as facts
+    box.replaceChildren(...readingItems(state, info).map(([name, text, unit]) => {
       const item = el("div", "reading");
       item.appendChild(el("dt", "", name));
       const dd = el("dd");
-      dd.appendChild(el("span", "value", formatNumber(value)));
+      dd.appendChild(el("span", "value", text));
       dd.appendChild(document.createTextNode(" "));
-      dd.appendChild(el("span", "unit", UNITS[name] || ""));
+      dd.appendChild(el("span", "unit", unit));
       item.appendChild(dd);
       return item;
     }));
@@ -181,14 +198,11 @@
       setText(tile, "name", state.name);
       setText(tile, "device_id", state.device_id);
       setText(tile, "profile", state.profile_label);
-      const meta = [];
-      if (state.rssi !== null) meta.push("RSSI " + state.rssi + " dBm");
-      if (state.firmware) meta.push("fw " + state.firmware);
-      setText(tile, "meta", meta.join(" · "));
+      const flat = tile.classList.contains("tile-flat");
+      setText(tile, "ip", state.ip || (flat ? "–" : ""));
       // Device page facts (absent on tiles).
       setText(tile, "firmware", state.firmware || "–");
       setText(tile, "rssi", state.rssi !== null ? state.rssi + " dBm" : "–");
-      setText(tile, "ip", state.ip || "–");
       setText(tile, "uptime", state.uptime || "–");
       setText(tile, "device_type", state.device_type || "–");
       setText(tile, "seq_gaps", String(state.seq_gaps));
@@ -267,7 +281,7 @@
           legend: { display: false },
           tooltip: { callbacks: {
             title: (items) => new Date(items[0].parsed.x).toLocaleTimeString(),
-            label: (item) => formatNumber(item.parsed.y) + " " + (UNITS[chart.active] || ""),
+            label: (item) => scaled(chart.active, item.parsed.y).join(" "),
           } },
         },
         scales: {
@@ -276,7 +290,10 @@
             grid: { display: false },
             ticks: { maxTicksLimit: 6, callback: (v) => new Date(v).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }) },
           },
-          y: { grid: { color: "#f3f4f6" }, ticks: { maxTicksLimit: 5 } },
+          y: {
+            grid: { color: "#f3f4f6" },
+            ticks: { maxTicksLimit: 5, callback: (v) => scaled(chart.active, v).join(" ") },
+          },
         },
       },
     });
@@ -318,9 +335,13 @@
     if (!chart.instance) return;
     const name = chart.active;
     chart.instance.data.datasets[0].label = name || "";
-    chart.instance.data.datasets[0].data = chart.points
+    const data = chart.points
       .filter((p) => name in p.values)
       .map((p) => ({ x: p.ts, y: p.values[name] }));
+    chart.instance.data.datasets[0].data = data;
+    // The time axis spans the data exactly (a linear scale would round out to "nice" ticks).
+    chart.instance.options.scales.x.min = data.length ? data[0].x : undefined;
+    chart.instance.options.scales.x.max = data.length ? data[data.length - 1].x : undefined;
     chart.instance.update("none");
   }
 
@@ -459,6 +480,9 @@
       case "resync":
         send({ type: "snapshot" });
         break;
+      case "subscribed":
+        body.dataset.subscribed = message.device;
+        break;
       case "pong":
         clearTimeout(pongTimer);
         break;
@@ -511,6 +535,10 @@
     }
   }, 1000);
 
+  // Server-rendered times are UTC; show them in the browser's zone like live-added rows.
+  for (const node of document.querySelectorAll("#transitions time[data-ts]")) {
+    node.textContent = new Date(node.dataset.ts).toLocaleString();
+  }
   initChart();
   updateStats();
   connect();
