@@ -492,3 +492,9 @@ class DeviceCredentialAdmin(OwnerScopedAdminMixin, ModelAdmin):
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
         return ("username", "device", "owner", "created_at")
+
+
+# Switch actions for a selection of devices (lamp control, apps.devices.admin_commands).
+from .admin_commands import SWITCH_ACTIONS  # noqa: E402
+
+DeviceAdmin.actions = (*(DeviceAdmin.actions or ()), *SWITCH_ACTIONS)

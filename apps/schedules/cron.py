@@ -139,6 +139,10 @@ def _zone_names() -> frozenset[str]:
     return frozenset(zoneinfo.available_timezones())
 
 
+def zone_names() -> list[str]:
+    return sorted(_zone_names())
+
+
 def get_zone(name: str) -> zoneinfo.ZoneInfo:
     """The IANA zone `name`, or `CronError` (not a file path, not a POSIX TZ string)."""
     if name not in _zone_names():
