@@ -200,6 +200,18 @@ INGEST_BATCH_MS = env.int("INGEST_BATCH_MS", default=50)
 # A device is offline after OFFLINE_FACTOR x its expected interval without any message.
 DEVICE_OFFLINE_FACTOR = env.float("DEVICE_OFFLINE_FACTOR", default=3.0)
 
+# --- Lamp control: commands and schedules (docs/schedules.md) ---------------------------------
+# A published command not reported by the device within this many seconds is "unconfirmed".
+COMMAND_CONFIRM_SECONDS = env.int("COMMAND_CONFIRM_SECONDS", default=10)
+# How long a command for an offline device on the "queue" policy waits before it expires.
+COMMAND_HOLD_SECONDS = env.int("COMMAND_HOLD_SECONDS", default=300)
+COMMAND_PUBLISH_TIMEOUT = env.float("COMMAND_PUBLISH_TIMEOUT", default=5.0)
+# Runs missed by less than this run late after downtime; older ones are recorded as missed.
+SCHEDULE_GRACE_SECONDS = env.int("SCHEDULE_GRACE_SECONDS", default=300)
+SCHEDULE_MAX_PER_DEVICE = env.int("SCHEDULE_MAX_PER_DEVICE", default=20)
+# How long each beat-started runner task keeps waking for due schedules (beat starts one every 2 s).
+SCHEDULE_TICK_SECONDS = env.float("SCHEDULE_TICK_SECONDS", default=2.0)
+
 # --- Celery ----------------------------------------------------------------------------------
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")
 if CELERY_BROKER_URL == "filesystem://":
