@@ -146,7 +146,7 @@ def test_owner_mode_plays_the_owners_devices_as_configured(broker, uid):
         (["--owner", "x", "--count", "2"], "exactly one of --owner"),
         (["--owner", "nobody-here"], "no owner with slug"),
         (["--owner", "empty-owner"], "has no matching devices"),
-        (["--count", "2", "--url", "http://127.0.0.1:1883"], "unsupported MQTT URL scheme"),
+        (["--count", "2", "--url", "http://127.0.0.1:1883"], "mqtt:// or mqtts://"),
         (["--count", "2", "--prefix", "Bad Prefix"], "prefix"),
         (["--count", "2", "--bad-rate", "2"], "--bad-rate"),
         (["--count", "2", "--rate", "-5"], "--rate"),
@@ -202,3 +202,10 @@ def test_sigterm_stops_it_and_the_devices_go_offline(embedded_broker, uid, abrup
     assert out.startswith("simulate_devices: ")
     assert offline
     assert ("goodbye" in json.dumps(out)) is False  # the summary line names profiles, not kinds
+
+
+def test_it_fails_when_it_never_reaches_the_broker():
+    from tests.devices.simbroker import free_port
+
+    with pytest.raises(CommandError, match="never connected"):
+        run("--count", "1", "--duration", "0.5", "--url", f"mqtt://127.0.0.1:{free_port()}")

@@ -14,15 +14,13 @@ import selectors
 import ssl
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from .base import Message
+from apps.devices.mqtt import mqtt_params
 
-TLS_SCHEMES = {"mqtts", "ssl", "tls"}
-PLAIN_SCHEMES = {"mqtt", "tcp"}
+from .base import Message
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,20 +33,15 @@ class Broker:
 
     @classmethod
     def parse(cls, url: str) -> Broker:
-        """`mqtt://[user:pass@]host[:port]` or `mqtts://…` (TLS, port 8883 by default)."""
-        parsed = urlparse(url)
-        scheme = parsed.scheme.lower()
-        if scheme not in TLS_SCHEMES | PLAIN_SCHEMES:
-            raise ValueError(f"unsupported MQTT URL scheme {parsed.scheme!r} in {url!r}")
-        tls = scheme in TLS_SCHEMES
-        if not parsed.hostname:
-            raise ValueError(f"no host in MQTT URL {url!r}")
+        """`mqtt://[user:pass@]host[:port]` or `mqtts://…` (TLS, port 8883 by default),
+        read exactly as the listener and the command publisher read MQTT_URL."""
+        params = mqtt_params(url)
         return cls(
-            host=parsed.hostname,
-            port=parsed.port or (8883 if tls else 1883),
-            tls=tls,
-            username=unquote(parsed.username or ""),
-            password=unquote(parsed.password or ""),
+            host=params["host"],
+            port=params["port"],
+            tls=params["tls"],
+            username=params["username"] or "",
+            password=params["password"] or "",
         )
 
     def __str__(self) -> str:

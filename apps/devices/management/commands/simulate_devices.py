@@ -25,6 +25,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from apps.devices.models import TasmotaTopicOrder
+from apps.devices.mqtt import mqtt_protocol
 from apps.devices.simulator import (
     Broker,
     DeviceOptions,
@@ -112,7 +113,11 @@ class Command(BaseCommand):
             action="store_true",
             help="on stop, drop connections without DISCONNECT so the brokers fire the wills",
         )
-        how.add_argument("--protocol", choices=["3.1.1", "5"], default="3.1.1")
+        how.add_argument(
+            "--protocol",
+            choices=["3.1.1", "5"],
+            help="MQTT version (default: settings.MQTT_PROTOCOL; the embedded broker has no 5)",
+        )
         how.add_argument("--ca-file", help="CA bundle for mqtts:// brokers")
         how.add_argument("--max-inflight", type=int, default=100, help="QoS 1 window (100)")
         how.add_argument(
@@ -179,7 +184,13 @@ class Command(BaseCommand):
             RunOptions(
                 broker=broker,
                 shared_connection=o["shared_connection"],
-                protocol=mqtt.MQTTv5 if o["protocol"] == "5" else mqtt.MQTTv311,
+                protocol=(
+                    mqtt_protocol()
+                    if o["protocol"] is None
+                    else mqtt.MQTTv5
+                    if o["protocol"] == "5"
+                    else mqtt.MQTTv311
+                ),
                 ca_file=o["ca_file"],
                 max_inflight=o["max_inflight"],
                 connect_concurrency=max(1, o["connect_concurrency"]),
@@ -203,6 +214,12 @@ class Command(BaseCommand):
         with _stop_on_signals(simulator.request_stop):
             stats = simulator.run()
         self.stdout.write(json.dumps(stats.as_dict()) if o["json"] else stats.summary_line())
+        if not stats.connects:
+            # Exit non-zero so that a benchmark or a supervisor notices.
+            raise CommandError(
+                f"never connected to {broker} (is it running? does it speak MQTT "
+                f"{o['protocol'] or settings.MQTT_PROTOCOL}? see the log above)"
+            )
 
     def _specs(self, o: dict[str, Any]) -> list:
         if (o["owner"] is None) == (o["count"] is None):
