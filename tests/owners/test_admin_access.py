@@ -71,3 +71,25 @@ def test_a_member_given_user_permissions_by_mistake_still_cannot_edit_accounts(c
     client.force_login(alice)
     response = client.get(reverse("admin:accounts_user_change", args=[bob.pk]))
     assert response.status_code == 403
+
+
+def test_view_on_site_redirects_only_to_the_users_rows(
+    client, monkeypatch, charlie, alice, alice_lamp
+):
+    # Django's admin/r/<ct>/<id>/ loads any row by id; ours goes through the scoped admin.
+    from django.contrib.contenttypes.models import ContentType
+
+    from apps.devices.models import Device
+
+    monkeypatch.setattr(
+        Device, "get_absolute_url", lambda self: f"/devices/{self.device_id}/", raising=False
+    )
+    url = reverse(
+        "admin:view_on_site", args=[ContentType.objects.get_for_model(Device).pk, alice_lamp.pk]
+    )
+    client.force_login(charlie)
+    assert client.get(url).status_code == 404
+    client.force_login(alice)
+    response = client.get(url)
+    assert response.status_code == 302
+    assert response.url.endswith("/devices/alice-lamp-1/")
