@@ -80,6 +80,11 @@ class Drainer:
         self.last_record = time.monotonic()
         self.rotation = 0
         self.stats = DrainStats()
+        self.stopping = False
+
+    def stop(self) -> None:
+        """Ask the loop to stop claiming and finish what is in flight (thread-safe)."""
+        self.stopping = True
 
     # --- the loop -------------------------------------------------------------------------------
 
@@ -92,7 +97,7 @@ class Drainer:
         try:
             while True:
                 now = time.monotonic()
-                claiming = now < end
+                claiming = now < end and not self.stopping
                 if claiming and now >= next_discovery:
                     active = self._discover()
                     next_discovery = now + DISCOVERY_INTERVAL
