@@ -63,7 +63,8 @@ def lamp(alice_owner) -> Device:
 
 
 @pytest.fixture
-def publisher() -> Iterator[live.BatchPublisher]:
+def publisher(platform_env) -> Iterator[live.BatchPublisher]:
+    # After platform_env: the publisher must use the servers' channel layer (prefix, database).
     publisher = live.BatchPublisher()
     publisher.start()
     yield publisher
