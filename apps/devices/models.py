@@ -57,14 +57,18 @@ class Device(models.Model):
     # The key in the device's MQTT topics: the device id, or a Tasmota device's own topic.
     topic = models.CharField(max_length=63, validators=[validate_topic])
     topic_order = models.CharField(
-        max_length=8, choices=TasmotaTopicOrder.choices, default=TasmotaTopicOrder.PREFIX_FIRST,
+        max_length=8,
+        choices=TasmotaTopicOrder.choices,
+        default=TasmotaTopicOrder.PREFIX_FIRST,
         help_text="Tasmota only: which FullTopic order the device uses; learnt from its messages.",
     )
     relay_count = models.PositiveSmallIntegerField(
         default=1, validators=[MinValueValidator(1), MaxValueValidator(8)]
     )
     expected_interval = models.PositiveIntegerField(
-        "expected interval (s)", default=60, validators=[MinValueValidator(1)],
+        "expected interval (s)",
+        default=60,
+        validators=[MinValueValidator(1)],
         help_text="How often the device reports; offline after several intervals of silence.",
     )
     offline_policy = models.CharField(
@@ -143,6 +147,9 @@ class Telemetry(models.Model):
     ts = models.DateTimeField(help_text="Device time when it sent one, else reception time.")
     received_at = models.DateTimeField()
     seq = models.BigIntegerField(null=True, blank=True)
+    # The device's boot id when the message came (meter-v2): (device, boot, seq) is unique,
+    # so a message the broker sends again after a crash is stored once, whoever receives it.
+    boot = models.CharField(max_length=64, blank=True, default="")
     topic = models.CharField(max_length=255)
     data = models.JSONField()
 
@@ -152,6 +159,13 @@ class Telemetry(models.Model):
         indexes = [
             models.Index(fields=["device", "-ts"]),
             models.Index(fields=["owner", "-received_at"]),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["device", "boot", "seq"],
+                condition=models.Q(seq__isnull=False),
+                name="unique_device_boot_seq",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -210,7 +224,9 @@ class QuarantinedMessage(models.Model):
     payload = models.BinaryField(help_text="The first bytes of the payload.")
     size = models.PositiveIntegerField()
     # Set when the topic names a device we know (so its owner can see why it was refused).
-    owner = models.ForeignKey(Owner, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    owner = models.ForeignKey(
+        Owner, null=True, blank=True, on_delete=models.CASCADE, related_name="+"
+    )
     device = models.ForeignKey(
         Device, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )

@@ -238,7 +238,13 @@ def _listener_subscribed(broker, device_id: str) -> bool:
 
 def test_sigterm_stops_the_listener_cleanly(mqtt_broker, transactional_db):
     proc = start_listener_process(mqtt_broker, f"term-{uuid.uuid4().hex[:6]}")
-    time.sleep(3)
+    seen = []
+    for line in proc.stderr:  # wait until it is really running: connected to the broker
+        seen.append(line)
+        if b"event=connected" in line:
+            break
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
-    assert b"Traceback" not in proc.stderr.read()
+    rest = proc.stderr.read()
+    assert b"event=stopped" in rest
+    assert b"Traceback" not in b"".join(seen) + rest

@@ -1,0 +1,135 @@
+"""Shared parts of the benchmarks in bench/: each starts what it needs and cleans up after.
+
+Conventions (docs/performance.md): full size by default, small with BENCH_SMALL=1; a raw baseline
+measured in the same run; the last line printed is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = os.environ.get("BENCH_SMALL") == "1"
+PG_ADMIN_URL = os.environ.get("BENCH_POSTGRES_URL", "postgres://root@127.0.0.1:5432/postgres")
+
+
+def log(*args: object) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def emit(figures: dict) -> None:
+    """The benchmark's result: always the last line on stdout."""
+    print(json.dumps(figures, sort_keys=True), flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(
+                    f"process for port {port} exited with {proc.returncode}"
+                ) from None
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+@contextlib.contextmanager
+def mosquitto() -> Iterator[str]:
+    """A private Mosquitto (no other traffic; unlimited queues so nothing is dropped)."""
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(binary).exists():
+        raise SystemExit("this benchmark needs Mosquitto (apt-get install mosquitto)")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        conf = Path(tmp) / "mosquitto.conf"
+        conf.write_text(
+            f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            "max_queued_messages 0\nmax_inflight_messages 0\nmax_packet_size 70000\n"
+        )
+        proc = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.DEVNULL)
+        try:
+            wait_port(port, proc)
+            yield f"mqtt://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+@contextlib.contextmanager
+def postgres_database(prefix: str) -> Iterator[str]:
+    """A new, migrated PostgreSQL database for the platform, dropped afterwards."""
+    import psycopg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    admin = PG_ADMIN_URL.replace("postgres://", "postgresql://", 1)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        manage("migrate", "-v0", env=platform_env(url))
+        yield url
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def platform_env(database_url: str, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DATABASE_URL=database_url,
+        EMBEDDED="false",
+        SECRET_KEY=env.get("SECRET_KEY") or "bench-" + uuid.uuid4().hex,
+        FIELD_ENCRYPTION_KEYS=env.get("FIELD_ENCRYPTION_KEYS")
+        or "kbench:" + base64.urlsafe_b64encode(os.urandom(32)).decode(),
+        CELERY_BROKER_URL=env.get("BENCH_CELERY_BROKER_URL", "memory://"),
+        CHANNEL_LAYER_URL="memory",
+        LOG_LEVEL="WARNING",
+        VAR_DIR=env.get("VAR_DIR") or str(Path(tempfile.gettempdir()) / "iot-bench-var"),
+    )
+    env.update(extra)
+    return env
+
+
+def manage(*args: str, env: dict[str, str]) -> None:
+    subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env, check=True)
+
+
+def spawn_manage(*args: str, env: dict[str, str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "manage.py", *args], cwd=ROOT, env=env, **kwargs)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its children, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return sum(int(fields[i]) for i in (11, 12, 13, 14)) / ticks
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
