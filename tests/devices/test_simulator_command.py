@@ -48,7 +48,8 @@ def uid() -> str:
 
 
 def protocol_flag(broker: SimBroker) -> list[str]:
-    return ["--protocol", "5"] if broker.kind == "mosquitto" else []
+    # Explicit: settings.MQTT_PROTOCOL follows MQTT_URL (5 in CI), and amqtt speaks 3.1.1 only.
+    return ["--protocol", "5" if broker.kind == "mosquitto" else "3.1.1"]
 
 
 def run(*args: str) -> str:
@@ -180,6 +181,7 @@ def test_sigterm_stops_it_and_the_devices_go_offline(embedded_broker, uid, abrup
             "0.1",
             "--url",
             broker.url,
+            *protocol_flag(broker),
             *(["--abrupt"] if abrupt else []),
         ],
         cwd=ROOT,
