@@ -8,6 +8,7 @@ Anything a browser receives is built in `apps.devices.live`.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -23,6 +24,9 @@ logger = logging.getLogger(__name__)
 # Close codes (4000-4999 are the application's): the page reconnects on both.
 CLOSE_SCOPE_CHANGED = 4001
 MAX_DEVICE_SUBSCRIPTIONS = 20
+# Client messages cost queries (snapshot, subscribe): a burst of 20, then one every 0.5 s.
+CLIENT_BURST = 20
+CLIENT_REFILL_PER_S = 2.0
 
 
 class LiveConsumer(AsyncJsonWebsocketConsumer):
@@ -38,6 +42,7 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
             return
         self.device_groups = {}
         self.owner_ids, self.all_owners = set(), False
+        self._tokens, self._tokens_at = float(CLIENT_BURST), time.monotonic()
         ids = await self._allowed_owner_ids()
         if ids is None:
             # A superuser: every owner's group (they see every owner's devices anyway).
@@ -58,6 +63,9 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
 
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         kind = content.get("type") if isinstance(content, dict) else None
+        if not self._take_token():
+            await self.send_json(live.error_message("rate_limited", "too many messages"))
+            return
         if kind == "ping":
             await self._recheck_scope()
             await self.send_json({"type": "pong"})
@@ -89,6 +97,15 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
             await self.send_json(payload)
 
     # -- helpers --
+
+    def _take_token(self) -> bool:
+        now = time.monotonic()
+        elapsed, self._tokens_at = now - self._tokens_at, now
+        self._tokens = min(CLIENT_BURST, self._tokens + elapsed * CLIENT_REFILL_PER_S)
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
 
     async def _subscribe(self, device_id: Any) -> None:
         if not isinstance(device_id, str) or not device_id:

@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from apps.devices import events as ev
 from apps.devices import live
-from apps.devices.consumers import CLOSE_SCOPE_CHANGED
+from apps.devices.consumers import CLIENT_BURST, CLOSE_SCOPE_CHANGED
 from apps.devices.models import Connection, Device
 from apps.owners.models import Membership
 
@@ -272,6 +272,22 @@ def test_a_snapshot_can_be_requested_again(alice, alice_lamp):
         assert again["type"] == "snapshot"
         assert first["devices"][0]["power"] == {}
         assert again["devices"][0]["power"] == {"1": "OFF"}
+        await socket.disconnect()
+
+    run(scenario)
+
+
+def test_a_flood_of_client_messages_is_rate_limited(alice, charlie_lamp):
+    cookie = session_cookie(alice)
+    flood = CLIENT_BURST + 10
+
+    async def scenario() -> None:
+        socket, _ = await open_socket(cookie)
+        for _ in range(flood):
+            await socket.send_json_to({"type": "subscribe", "device": "charlie-lamp-1"})
+        errors = [(await socket.receive_json_from(timeout=TIMEOUT))["error"] for _ in range(flood)]
+        assert set(errors) == {"not_found", "rate_limited"}
+        assert errors[:CLIENT_BURST] == ["not_found"] * CLIENT_BURST
         await socket.disconnect()
 
     run(scenario)
