@@ -92,11 +92,13 @@ class DeviceDirectory:
 
     NEGATIVE_TTL = 10.0
     POSITIVE_TTL = 300.0
+    INSTANCE_TTL = 30.0  # names and settings of a device reach the live pages this late
 
     def __init__(self) -> None:
         self._known: dict[tuple[str, str], tuple[_DeviceRef, float]] = {}
         self._unknown: dict[tuple[str, str], float] = {}
         self._trackers: dict[int, SeqTracker] = {}
+        self._instances: dict[int, tuple[Device, float]] = {}
 
     def resolve(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], _DeviceRef]:
         now = time.monotonic()
@@ -120,6 +122,32 @@ class DeviceDirectory:
                 if (profile, topic) not in found:
                     self._unknown[(profile, topic)] = now
         return found
+
+    def load(self, pks: set[int], *, lock: bool = False) -> dict[int, Device]:
+        """Devices with their state read now (locked, in key order, if asked).
+
+        Only the state columns are read per batch; the rest of a device (name, profile…) comes
+        from instances cached for INSTANCE_TTL: building a full model instance per message
+        would cost more than the rest of the batch.
+        """
+        qs = Device.objects.filter(pk__in=pks)
+        if lock:
+            qs = qs.select_for_update().order_by("pk")
+        now = time.monotonic()
+        fresh = {row[0]: row[1:] for row in qs.values_list("pk", *STATE_FIELDS)}
+        stale = [
+            pk for pk in fresh if now - self._instances.get(pk, (None, -1e9))[1] > self.INSTANCE_TTL
+        ]
+        if stale:
+            for device in Device.objects.filter(pk__in=stale):
+                self._instances[device.pk] = (device, now)
+        out: dict[int, Device] = {}
+        for pk, values in fresh.items():
+            device = self._instances[pk][0]
+            for name, value in zip(STATE_FIELDS, values, strict=True):
+                setattr(device, name, value)
+            out[pk] = device
+        return out
 
     def tracker(self, device: Device) -> SeqTracker:
         return self._trackers.setdefault(device.pk, SeqTracker(device.boot_id, device.last_seq))
@@ -160,15 +188,13 @@ def ingest_batch(
     keys = {(profile, parsed.key) for _, profile, parsed in accepted}
     refs = directory.resolve(keys | {where for _, where in attributable})
     with transaction.atomic():
-        pks = {ref.pk for ref in refs.values()}
-        devices = {d.pk: d for d in Device.objects.filter(pk__in=pks)}
+        devices = directory.load({ref.pk for ref in refs.values()})
         # Lock, and read again, only the devices whose connection, power or identity this batch
         # may change (in key order, so listener copies never deadlock): transitions are then
         # recorded once even when several copies share the stream. Readings need no lock.
-        lock = sorted(_state_changes(accepted, refs, devices))
+        lock = _state_changes(accepted, refs, devices)
         if lock:
-            locked = Device.objects.select_for_update().filter(pk__in=lock).order_by("pk")
-            devices.update({d.pk: d for d in locked})
+            devices.update(directory.load(lock, lock=True))
         state = {pk: _DeviceState(d, directory.tracker(d)) for pk, d in devices.items()}
         for row, where in attributable:
             ref = refs.get(where)
