@@ -211,6 +211,8 @@ SCHEDULE_GRACE_SECONDS = env.int("SCHEDULE_GRACE_SECONDS", default=300)
 SCHEDULE_MAX_PER_DEVICE = env.int("SCHEDULE_MAX_PER_DEVICE", default=20)
 # How long each beat-started runner task keeps waking for due schedules (beat starts one every 2 s).
 SCHEDULE_TICK_SECONDS = env.float("SCHEDULE_TICK_SECONDS", default=2.0)
+# Runs are claimed this long before their planned instant and published at it.
+SCHEDULE_PREPARE_SECONDS = env.float("SCHEDULE_PREPARE_SECONDS", default=1.5)
 
 # --- Celery ----------------------------------------------------------------------------------
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 
@@ -111,8 +111,15 @@ class _Plan:
     last_planned: datetime
 
 
-def run_due_schedules(now: datetime | None = None) -> RunReport:
-    """One pass of the runner; safe to run concurrently and after a crash (see module doc)."""
+def run_due_schedules(
+    now: datetime | None = None, *, publish_at: datetime | None = None, sleep=time.sleep
+) -> RunReport:
+    """One pass of the runner; safe to run concurrently and after a crash (see module doc).
+
+    `now`: the instant to plan for (the runs planned up to it). `publish_at`: claim and write
+    now, publish at that instant — `run_schedules_for` prepares a moment before the planned
+    instant, so that the database work does not delay the commands.
+    """
     now = now or timezone.now()
     report = RunReport()
     due = list(
@@ -125,6 +132,7 @@ def run_due_schedules(now: datetime | None = None) -> RunReport:
         return report
     report.due = len(due)
     plans = [p for p in (_plan(s, now) for s in due) if p is not None]
+    report.taken = _skip_claimed(plans)
 
     token = uuid.uuid4().hex
     with transaction.atomic():
@@ -142,29 +150,32 @@ def run_due_schedules(now: datetime | None = None) -> RunReport:
             for at, why in p.missed
             for d in p.devices
         ]
-        rows += [
-            ScheduleRun(
-                owner_id=p.schedule.owner_id,
-                schedule=p.schedule,
-                device=d,
-                planned_at=p.run_at,
-                status=RunStatus.CLAIMED,
-                claim=token,
-            )
-            for p in plans
-            if p.run_at
-            for d in p.devices
-        ]
-        # The claim: rows another runner inserted first are silently skipped here.
+        rows += _runs_with_commands(plans, token, now)
+        # The claim: rows another runner inserted first are silently skipped here...
         ScheduleRun.objects.bulk_create(rows, ignore_conflicts=True, batch_size=500)
-        mine = list(ScheduleRun.objects.filter(claim=token))
+        mine = list(ScheduleRun.objects.filter(claim=token).only("id", "status", "command_id"))
+        # ...and the commands written for them are dropped unsent, in this same transaction.
+        kept = {r.command_id for r in mine if r.command_id}
+        written = [r.command for r in rows if r.command is not None]
+        orphans = [c.pk for c in written if c.pk not in kept]
+        if orphans:
+            Command.objects.filter(pk__in=orphans).delete()
+        run_pks = {r.command_id: r.pk for r in mine if r.command_id}
+        claimed = [r for r in rows if r.status != RunStatus.MISSED and r.command_id in kept]
+        for r in claimed:
+            r.pk = run_pks[r.command_id]  # ignore_conflicts leaves the inserted rows' ids unset
+        report.taken += sum(1 for r in rows if r.status != RunStatus.MISSED) - sum(
+            1 for r in mine if r.status != RunStatus.MISSED
+        )
         report.missed = sum(1 for r in mine if r.status == RunStatus.MISSED)
-        claimed = [r for r in mine if r.status == RunStatus.CLAIMED]
-        report.taken = sum(1 for r in rows if r.status == RunStatus.CLAIMED) - len(claimed)
-        pending = _write_commands(claimed, {p.schedule.pk: p for p in plans}, now, report)
+        report.failed = sum(1 for r in mine if r.status == RunStatus.FAILED)
+        report.held = sum(1 for r in mine if r.status == RunStatus.HELD)
 
+    pending = [r.command for r in claimed if r.command.status == CommandStatus.PENDING]
+    if publish_at is not None and pending:
+        sleep(max(0.0, (publish_at - timezone.now()).total_seconds()))
     publish_commands(pending)
-    _record_results(claimed, report)
+    _record_results([r for r in claimed if r.status == RunStatus.CLAIMED], report)
     _advance(plans)
     return report
 
@@ -210,91 +221,140 @@ def _plan(schedule: Schedule, now: datetime) -> _Plan | None:
     return _Plan(schedule, devices, run_at, missed, next_run_at, latest)
 
 
-def _write_commands(
-    claimed: list[ScheduleRun], plans: dict[int, _Plan], now: datetime, report: RunReport
-) -> list[Command]:
-    """Commands for the runs this runner claimed, in the claim's transaction."""
-    devices = {d.pk: d for p in plans.values() for d in p.devices}
-    commands: list[Command] = []
-    owners: list[ScheduleRun] = []
-    hold = int(grace().total_seconds())
-    for run in claimed:
-        schedule = plans[run.schedule_id].schedule
-        try:
-            command = build_command(
-                devices[run.device_id],
-                schedule.action,
-                issuer=Issuer.for_schedule(schedule),
-                relay=schedule.relay,
-                ttl=hold,
-                now=now,
-            )
-        except CommandRefused as exc:
-            run.status, run.detail, run.executed_at = RunStatus.FAILED, exc.message[:255], now
-            report.failed += 1
-            continue
-        commands.append(command)
-        owners.append(run)
-    Command.objects.bulk_create(commands, batch_size=500)
-    for run, command in zip(owners, commands, strict=True):
-        run.command = command
-        if command.status == CommandStatus.QUEUED:
-            run.status, run.executed_at = RunStatus.HELD, now
-            report.held += 1
-    ScheduleRun.objects.bulk_update(
-        claimed, ["command", "status", "detail", "executed_at"], batch_size=500
+def _skip_claimed(plans: list[_Plan]) -> int:
+    """Drop the planned times another runner has already claimed (one cheap query).
+
+    The unique constraint alone would be enough for correctness; this spares writing commands
+    that the claim would then throw away. Their `next_run_at` still moves on (`_advance` is
+    idempotent), so a claimer that died does not leave its schedules due forever.
+    """
+    due = [p for p in plans if p.run_at]
+    if not due:
+        return 0
+    taken = set(
+        ScheduleRun.objects.filter(
+            schedule_id__in=[p.schedule.pk for p in due],
+            planned_at__in={p.run_at for p in due},
+        ).values_list("schedule_id", "planned_at")
     )
-    return [c for c in commands if c.status == CommandStatus.PENDING]
+    skipped = 0
+    for p in due:
+        if (p.schedule.pk, p.run_at) in taken:
+            skipped += len(p.devices)
+            p.run_at, p.missed = None, []
+    return skipped
+
+
+def _runs_with_commands(plans: list[_Plan], token: str, now: datetime) -> list[ScheduleRun]:
+    """Run rows to claim, each with its command already written (saves an UPDATE per run).
+
+    A refused command (offline "reject", invalid relay) gives a `failed` run without one.
+    """
+    hold = int(grace().total_seconds())
+    issued_at = timezone.now()  # `now` may be a planned instant a moment ahead
+    runs: list[ScheduleRun] = []
+    for p in plans:
+        if not p.run_at:
+            continue
+        issuer = Issuer.for_schedule(p.schedule)
+        for device in p.devices:
+            run = ScheduleRun(
+                owner_id=p.schedule.owner_id,
+                schedule=p.schedule,
+                device=device,
+                planned_at=p.run_at,
+                status=RunStatus.CLAIMED,
+                claim=token,
+            )
+            try:
+                run.command = build_command(
+                    device,
+                    p.schedule.action,
+                    issuer=issuer,
+                    relay=p.schedule.relay,
+                    ttl=hold,
+                    now=issued_at,
+                )
+            except CommandRefused as exc:
+                run.status, run.detail, run.executed_at = RunStatus.FAILED, exc.message[:255], now
+            else:
+                if run.command.status == CommandStatus.QUEUED:
+                    run.status, run.executed_at = RunStatus.HELD, now
+            runs.append(run)
+    Command.objects.bulk_create([r.command for r in runs if r.command is not None], batch_size=500)
+    for r in runs:
+        if r.command is not None:
+            r.command = r.command  # now saved: sets command_id and keeps the cached instance
+    return runs
 
 
 def _record_results(claimed: list[ScheduleRun], report: RunReport) -> None:
-    published = []
+    """One UPDATE per outcome (all commands of a pass share their publish time)."""
+    groups: dict[tuple[str, str, datetime | None], list[int]] = defaultdict(list)
     for run in claimed:
         command = run.command
-        if run.status != RunStatus.CLAIMED or command is None:
-            continue
         if command.status == CommandStatus.FAILED:
-            run.status, run.detail = RunStatus.FAILED, command.detail
-            run.executed_at = command.resolved_at
+            key = (RunStatus.FAILED, command.detail, command.resolved_at)
             report.failed += 1
         else:
-            run.status, run.executed_at = RunStatus.PUBLISHED, command.published_at
+            key = (RunStatus.PUBLISHED, "", command.published_at)
             report.published += 1
-        published.append(run)
-    ScheduleRun.objects.bulk_update(published, ["status", "detail", "executed_at"], batch_size=500)
+        run.status, run.detail, run.executed_at = key
+        groups[key].append(run.pk)
+    for (status, detail, at), ids in groups.items():
+        ScheduleRun.objects.filter(pk__in=ids, status=RunStatus.CLAIMED).update(
+            status=status, detail=detail, executed_at=at
+        )
 
 
 def _advance(plans: list[_Plan]) -> None:
+    # Compare-and-set: a schedule edited (or advanced by another runner) meanwhile wins.
+    # Schedules due at the same instant with the same next run share one UPDATE.
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for p in plans:
+        key = (p.schedule.next_run_at, p.next_run_at, p.run_at or p.last_planned)
+        groups[key].append(p.schedule.pk)
     with transaction.atomic():
-        for p in plans:
-            # Compare-and-set: a schedule edited (or advanced by another runner) meanwhile wins.
-            Schedule.objects.filter(pk=p.schedule.pk, next_run_at=p.schedule.next_run_at).update(
-                next_run_at=p.next_run_at, last_run_at=p.run_at or p.last_planned
+        for (old, new, last), ids in groups.items():
+            Schedule.objects.filter(pk__in=ids, next_run_at=old).update(
+                next_run_at=new, last_run_at=last
             )
 
 
-def run_schedules_for(seconds: float, *, sleep=time.sleep) -> RunReport:
-    """Run due schedules, then wake at each next planned instant for up to `seconds`.
+def prepare_seconds() -> float:
+    return float(getattr(settings, "SCHEDULE_PREPARE_SECONDS", 1.5))
 
-    Celery beat starts this every SCHEDULE_TICK_SECONDS; sleeping until the planned instant
-    (instead of waiting for the next tick) is what keeps lateness in milliseconds.
+
+def run_schedules_for(seconds: float, *, sleep=time.sleep) -> RunReport:
+    """Run due schedules, then keep waking for the next planned instants for up to `seconds`.
+
+    Celery beat starts this every SCHEDULE_TICK_SECONDS. Runs are claimed and their commands
+    written SCHEDULE_PREPARE_SECONDS before the planned instant and published at it, which
+    keeps lateness in milliseconds even for a thousand schedules due in the same second. (A
+    schedule disabled within that moment still runs once.)
     """
     deadline = time.monotonic() + seconds
+    lead = prepare_seconds()
     total = RunReport()
     while True:
         report = run_due_schedules()
-        total += report
         upcoming = Schedule.objects.filter(enabled=True).aggregate(at=Min("next_run_at"))["at"]
+        if upcoming is not None and 0 < (upcoming - timezone.now()).total_seconds() <= lead:
+            report += run_due_schedules(now=upcoming, publish_at=upcoming, sleep=sleep)
+            upcoming = Schedule.objects.filter(enabled=True).aggregate(at=Min("next_run_at"))["at"]
+        total += report
         if upcoming is None:
             return total
-        wait = (upcoming - timezone.now()).total_seconds()
+        until_prepare = (upcoming - timezone.now()).total_seconds() - lead
         left = deadline - time.monotonic()
-        if wait > left:
+        if until_prepare > left:
             return total
-        if wait <= 0 and not (report.published or report.held or report.failed or report.missed):
-            wait = 0.05  # due but claimed by another runner that has not moved it on yet
+        if until_prepare <= 0 and not (
+            report.published or report.held or report.failed or report.missed
+        ):
+            until_prepare = 0.05  # claimed by another runner that has not moved it on yet
         # Wake at least every second: a schedule created meanwhile may be due sooner.
-        sleep(max(0.0, min(wait, 1.0, left)))
+        sleep(max(0.0, min(until_prepare, 1.0, left)))
 
 
 def sweep_runs(now: datetime | None = None, *, stale_after: float = 120.0) -> int:

@@ -328,3 +328,24 @@ def test_a_runner_killed_before_publishing_never_leads_to_a_late_command(
     assert sweep_runs(now=later) == 10
     assert per_device(spy, lamps) == {lamp.device_id: 0 for lamp in lamps}
     assert set(ScheduleRun.objects.values_list("status", flat=True)) == {RunStatus.FAILED}
+
+
+@pytest.mark.django_db
+def test_the_runner_loop_prepares_ahead_but_never_publishes_before_the_planned_instant(
+    spy, alice_owner, settings
+):
+    settings.SCHEDULE_PREPARE_SECONDS = 1.5
+    lamps = [make_lamp(alice_owner) for _ in range(5)]
+    planned = (timezone.now() + timedelta(seconds=2)).replace(microsecond=0)
+    for i, lamp in enumerate(lamps):
+        make_schedule(alice_owner, lamp, due_at=planned, name=f"p{i}")
+
+    report = actions.run_schedules_for(4.0)
+
+    assert report.published == 5
+    for lamp in lamps:
+        [seen] = spy.wait_for(f"home/{lamp.device_id}/cmd")
+        assert seen.at >= planned.timestamp()
+    for run in ScheduleRun.objects.select_related("command"):
+        assert run.executed_at >= run.planned_at == planned
+        assert run.command.issued_at < planned  # claimed and written ahead
