@@ -37,11 +37,20 @@ What is scoped
 - related list filters (`get_list_filter` swaps plain relation filters for scoped ones, and hides
   the owner filter from someone with a single owner);
 - `get_search_results`, again, so a custom search cannot widen the set;
-- permissions, per object: for an inline, `obj` is the parent, so the parent's owner decides.
+- permissions, per object: for an inline, `obj` is the parent, so the parent's owner decides;
+- admin actions: each runs on the selected rows where the user holds the role its
+  `permissions` ask for (Django checks them only once, at model level);
+- delete confirmations: counts per model instead of every cascaded row, without asking the
+  read-only log admins for a delete permission they never grant.
+
+unfold's own actions (`actions_row`, `actions_detail`) receive an object id, not a queryset:
+load the row with `self.get_object(request, object_id)`, which is scoped, before acting.
 """
 
 from __future__ import annotations
 
+import functools
+from collections import Counter
 from typing import Any
 
 from django import forms
@@ -49,12 +58,14 @@ from django.conf import settings
 from django.contrib.admin import RelatedFieldListFilter, RelatedOnlyFieldListFilter
 from django.contrib.admin.utils import get_fields_from_path
 from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured
-from django.db.models import Model, Q, QuerySet
+from django.db import router
+from django.db.models import Model, ProtectedError, Q, QuerySet, RestrictedError
+from django.db.models.deletion import Collector
 from django.http import Http404, HttpRequest
 from unfold.contrib.filters.admin import AutocompleteSelectFilter, RelatedDropdownFilter
 from unfold.contrib.filters.forms import AutocompleteDropdownForm
 
-from .models import Owner, Role
+from .models import ROLE_RANK, Owner, Role
 from .scoping import owner_ids_for, scope
 
 # How far `owner_path` follows foreign keys looking for the owner (Telemetry → Device → Owner
@@ -223,6 +234,67 @@ class OwnerScopedAdminMixin:
     ) -> tuple[QuerySet, bool]:
         queryset, may_have_duplicates = super().get_search_results(request, queryset, search_term)
         return self.scope_queryset(request, queryset), may_have_duplicates
+
+    def get_deleted_objects(self, objs: Any, request: HttpRequest) -> tuple:
+        """What a delete would remove, as counts per model.
+
+        Django's version lists every cascaded row (it loads them all: a device with a year of
+        telemetry would never render) and asks each related model's admin for delete permission
+        (read-only logs say no, so a device with history could not be deleted at all). Deleting
+        a row deletes its own history by design; the permission that matters is on the rows
+        chosen, which the delete view checks before it gets here."""
+        objs = list(objs)
+        collector = Collector(using=router.db_for_write(self.model))
+        try:
+            collector.collect(objs)
+        except ProtectedError as exc:
+            return [], {}, set(), [str(obj) for obj in list(exc.protected_objects)[:100]]
+        except RestrictedError as exc:
+            return [], {}, set(), [str(obj) for obj in list(exc.restricted_objects)[:100]]
+        counts: Counter[str] = Counter()
+        for model, instances in collector.data.items():
+            counts[str(model._meta.verbose_name_plural)] += len(instances)
+        for queryset in collector.fast_deletes:
+            counts[str(queryset.model._meta.verbose_name_plural)] += queryset.count()
+        counts = Counter({name: n for name, n in counts.items() if n})
+        chosen = str(self.model._meta.verbose_name_plural)
+        summary = [f"{name}: {n:,}" for name, n in sorted(counts.items()) if name != chosen]
+        # Per chosen row, as Django does: a bulk delete is only checked at model level before.
+        perms_needed = {
+            str(self.model._meta.verbose_name)
+            for obj in objs
+            if not self.has_delete_permission(request, obj)
+        }
+        return [*(str(obj) for obj in objs), *summary], dict(counts), perms_needed, []
+
+    # -- actions -----------------------------------------------------------------------------
+
+    def get_actions(self, request: HttpRequest) -> dict:
+        """Each action runs on the selected rows the user holds the action's role for.
+
+        Django checks an action's `permissions` once, at model level: a user who administers
+        one owner and only views another would otherwise delete (or switch) the other's rows
+        by selecting them. An action without declared permissions needs `change_role`."""
+        return {
+            name: (self._scoped_action(func), name, description)
+            for name, (func, _name, description) in super().get_actions(request).items()
+        }
+
+    def role_for_permission(self, permission: str) -> str:
+        return {"view": self.view_role, "operate": self.operate_role}.get(
+            permission, self.change_role
+        )
+
+    def _scoped_action(self, func: Any) -> Any:
+        roles = [self.role_for_permission(p) for p in getattr(func, "allowed_permissions", ())]
+        role = max(roles or [self.change_role], key=lambda r: ROLE_RANK[Role(r)])
+        path = self.get_owner_path()
+
+        @functools.wraps(func)
+        def scoped(modeladmin: Any, request: HttpRequest, queryset: QuerySet) -> Any:
+            return func(modeladmin, request, scope_by_path(queryset, request.user, path, role))
+
+        return scoped
 
     # -- who may do what ---------------------------------------------------------------------
 

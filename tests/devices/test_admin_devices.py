@@ -259,3 +259,59 @@ def test_the_device_list_renders_status_columns(client, alice, alice_relay):
     assert "1 ON" in body and "2 OFF" in body
     assert "Offline" in body
     assert reverse("device-detail", args=[alice_relay.device_id]) in body
+
+
+# --- deleting -------------------------------------------------------------------------------------
+
+
+def test_the_owner_deletes_a_device_with_its_history(client, alice, alice_lamp):
+    now = timezone.now()
+    for _ in range(3):
+        Telemetry.objects.create(
+            owner=alice_lamp.owner,
+            device=alice_lamp,
+            kind=EventKind.STATUS,
+            topic="t",
+            data={},
+            ts=now,
+            received_at=now,
+        )
+    client.force_login(alice)
+    url = reverse("admin:devices_device_delete", args=[alice_lamp.pk])
+    confirm = client.get(url)
+    assert confirm.context["perms_lacking"] == set()
+    assert "telemetry: 3" in confirm.content.decode()  # counted, not listed row by row
+    assert client.post(url, {"post": "yes"}).status_code == 302
+    assert not Device.objects.filter(pk=alice_lamp.pk).exists()
+    assert not Telemetry.objects.filter(device_id=alice_lamp.pk).exists()
+
+
+def test_a_bulk_action_skips_rows_of_owners_the_user_only_views(
+    client, charlie, alice_lamp, charlie_lamp, alice_owner
+):
+    # Charlie administers his owner and merely looks at alice's.
+    Membership.objects.create(owner=alice_owner, user=charlie, role=Role.VIEWER)
+    client.force_login(charlie)
+    selected = [alice_lamp.pk, charlie_lamp.pk]
+    assert set(client.get(CHANGELIST).context["cl"].result_list) == {alice_lamp, charlie_lamp}
+    response = client.post(
+        CHANGELIST, {"action": "delete_selected", "_selected_action": selected, "post": "yes"}
+    )
+    assert response.status_code == 302
+    assert Device.objects.filter(pk=alice_lamp.pk).exists()
+    assert not Device.objects.filter(pk=charlie_lamp.pk).exists()
+
+
+def test_the_delete_confirmation_refuses_a_row_the_user_may_not_delete(
+    rf, charlie, alice_lamp, alice_owner
+):
+    from django.contrib import admin
+
+    Membership.objects.create(owner=alice_owner, user=charlie, role=Role.VIEWER)
+    request = rf.post("/")
+    request.user = charlie
+    device_admin = admin.site._registry[Device]
+    _objects, _counts, perms_needed, _protected = device_admin.get_deleted_objects(
+        [alice_lamp], request
+    )
+    assert perms_needed == {"device"}
