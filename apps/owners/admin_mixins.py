@@ -242,7 +242,7 @@ class OwnerScopedAdminMixin:
         telemetry would never render) and asks each related model's admin for delete permission
         (read-only logs say no, so a device with history could not be deleted at all). Deleting
         a row deletes its own history by design; the permission that matters is on the rows
-        chosen, which the delete view checks before it gets here."""
+        chosen, checked below one by one."""
         objs = list(objs)
         collector = Collector(using=router.db_for_write(self.model))
         try:
