@@ -136,8 +136,9 @@ class Server(PlatformProcess):
 
 
 @pytest.fixture
-def platform_env(transactional_db, settings) -> dict[str, str]:
-    """Environment of a platform process sharing this test's databases and channel layer."""
+def platform_env(transactional_db, settings, mqtt_broker) -> dict[str, str]:
+    """Environment of a platform process sharing this test's databases, channel layer and
+    MQTT broker (the embedded one, or Mosquitto in CI)."""
     layer = isolated_layer_config()
     settings.CHANNEL_LAYERS = layer
     names = {alias: connections[alias].settings_dict["NAME"] for alias in settings.DATABASES}
@@ -145,6 +146,9 @@ def platform_env(transactional_db, settings) -> dict[str, str]:
         "DJANGO_SETTINGS_MODULE": "tests.browser.server_settings",
         "IOT_TEST_DATABASE_NAMES": json.dumps({k: str(v) for k, v in names.items()}),
         "PYTHONUNBUFFERED": "1",
+        "MQTT_URL": mqtt_broker.url,
+        "MQTT_PROTOCOL": mqtt_broker.protocol,
+        "MQTT_SHARED_GROUP": "",
     }
     prefix = layer["default"].get("CONFIG", {}).get("prefix")
     if prefix:
@@ -171,9 +175,14 @@ def browser_page(chromium) -> Iterator[Any]:
         context = browser.new_context(viewport={"width": 1280, "height": 860})
         page = context.new_page()
         page.set_default_timeout(15_000)
+        # Uncaught exceptions in the page's scripts fail the test (console noise such as a
+        # refused WebSocket during a server restart does not).
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
         yield page
         context.close()
         browser.close()
+        assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 def login(page: Any, base_url: str, username: str, password: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -24,7 +25,16 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from apps.devices import events as ev
 from apps.devices import live
-from apps.devices.models import Connection, Device, EventKind, Profile, Telemetry, Transition
+from apps.devices.models import (
+    Command,
+    CommandStatus,
+    Connection,
+    Device,
+    EventKind,
+    Profile,
+    Telemetry,
+    Transition,
+)
 from tests.devices.live_helpers import ALL_DATABASES, event
 
 from .conftest import ROOT, PlatformProcess, login, off_loop
@@ -187,14 +197,12 @@ def test_charlie_cannot_open_alices_device_page(charlie, alice_lamp, server, bro
 
 
 @pytest.fixture
-def listener(mqtt_broker, platform_env, tmp_path) -> Iterator[PlatformProcess]:
-    env = {**platform_env, "MQTT_URL": mqtt_broker.url, "MQTT_PROTOCOL": mqtt_broker.protocol}
-    env["MQTT_SHARED_GROUP"] = ""
+def listener(platform_env, tmp_path) -> Iterator[PlatformProcess]:
     argv = [sys.executable, "manage.py", "mqtt_listen", "--batch-ms", "20"]
     proc = PlatformProcess(
         "listener",
         [*argv, "--client-id", f"live-test-{uuid.uuid4().hex[:8]}"],
-        env,
+        platform_env,
         tmp_path / "listener.log",
     )
     proc.start()
@@ -203,38 +211,104 @@ def listener(mqtt_broker, platform_env, tmp_path) -> Iterator[PlatformProcess]:
     print(f"--- listener log ---\n{proc.tail()}")
 
 
+class FakeLamp:
+    """An esp32-lamp on the broker, as its firmware behaves: reports status, obeys commands
+    (echoing the command's requestId, which is how the platform confirms it)."""
+
+    def __init__(self, broker: Any, device_id: str) -> None:
+        self.device_id = device_id
+        self.commands: list[dict[str, Any]] = []
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sim-{device_id}")
+        self.client.on_message = self._on_command
+        self.client.connect(broker.host, broker.port)
+        self.client.subscribe(f"home/{device_id}/cmd", qos=1)
+        self.client.loop_start()
+
+    def status(self, power: str, request_id: str | None = None) -> None:
+        body = {"deviceId": self.device_id, "power": power, "rssi": -61, "fw": "1.4.2"}
+        if request_id:
+            body["requestId"] = request_id
+        topic = f"home/{self.device_id}/status"
+        self.client.publish(topic, json.dumps(body), qos=1).wait_for_publish(5)
+
+    def _on_command(self, client: Any, userdata: Any, msg: Any) -> None:
+        command = json.loads(msg.payload)
+        self.commands.append(command)
+        client.publish(
+            f"home/{self.device_id}/status",
+            json.dumps(
+                {
+                    "deviceId": self.device_id,
+                    "power": command["action"],
+                    "requestId": command["requestId"],
+                }
+            ),
+            qos=1,
+        )
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def fake_lamp(mqtt_broker, lamp) -> Iterator[FakeLamp]:
+    device = FakeLamp(mqtt_broker, lamp.device_id)
+    yield device
+    device.close()
+
+
+def wait_until_ingesting(page: Any, lamp: Device, fake: FakeLamp, listener: Any) -> None:
+    """The listener is up once a report of the lamp comes through to the page."""
+    deadline = time.monotonic() + 60
+    while relay(page, lamp).get_attribute("data-power") != "OFF":
+        assert listener.alive(), listener.tail()
+        assert time.monotonic() < deadline, f"no status came through\n{listener.tail()}"
+        fake.status("OFF")
+        page.wait_for_timeout(500)
+
+
 def test_an_mqtt_status_reaches_the_open_dashboard_within_a_second(
-    staff_alice, lamp, server, mqtt_broker, listener, browser_page
+    staff_alice, lamp, server, listener, fake_lamp, browser_page
 ):
     from playwright.sync_api import expect
 
     page = browser_page
     open_dashboard(page, server)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"lamp-sim-{uuid.uuid4().hex[:8]}")
-    client.connect(mqtt_broker.host, mqtt_broker.port)
-    client.loop_start()
-    topic = f"home/{lamp.device_id}/status"
+    wait_until_ingesting(page, lamp, fake_lamp, listener)
 
-    def status(power: str) -> None:
-        body = {"deviceId": lamp.device_id, "power": power, "rssi": -61, "fw": "1.4.2"}
-        client.publish(topic, json.dumps(body), qos=1).wait_for_publish(5)
+    fake_lamp.status("ON")
+    expect(relay(page, lamp)).to_have_attribute("data-power", "ON", timeout=LIVE_WITHIN_MS)
+    fake_lamp.status("OFF")
+    expect(relay(page, lamp)).to_have_attribute("data-power", "OFF", timeout=LIVE_WITHIN_MS)
+    assert page.evaluate("window.__notReloaded") is True
 
-    try:
-        # The listener is up once a report of ours comes through to the page.
-        deadline = time.monotonic() + 60
-        while relay(page, lamp).get_attribute("data-power") != "OFF":
-            assert listener.alive(), listener.tail()
-            assert time.monotonic() < deadline, f"no status came through\n{listener.tail()}"
-            status("OFF")
-            page.wait_for_timeout(500)
-        status("ON")
-        expect(relay(page, lamp)).to_have_attribute("data-power", "ON", timeout=LIVE_WITHIN_MS)
-        status("OFF")
-        expect(relay(page, lamp)).to_have_attribute("data-power", "OFF", timeout=LIVE_WITHIN_MS)
-        assert page.evaluate("window.__notReloaded") is True
-    finally:
-        client.loop_stop()
-        client.disconnect()
+
+def test_a_button_switches_the_lamp_and_shows_pending_until_confirmed(
+    staff_alice, lamp, server, listener, fake_lamp, browser_page
+):
+    from playwright.sync_api import expect
+
+    page = browser_page
+    open_dashboard(page, server)
+    wait_until_ingesting(page, lamp, fake_lamp, listener)
+    row = relay(page, lamp)
+
+    row.locator('button.cmd[data-action="ON"]').click()
+
+    # Pending while the command travels; cleared by the live `command` confirmation.
+    expect(row).to_have_class(re.compile(r"\bpending\b"))
+    expect(row).to_have_attribute("data-power", "ON", timeout=10_000)
+    expect(row).not_to_have_class(re.compile(r"\bpending\b"), timeout=10_000)
+    expect(page.locator(".toast")).to_have_count(0)
+    [command] = fake_lamp.commands
+    assert command["action"] == "ON"
+
+    def status() -> str:
+        return Command.objects.get(request_id=command["requestId"]).status
+
+    assert off_loop(status) == CommandStatus.CONFIRMED
+    assert page.evaluate("window.__notReloaded") is True
 
 
 # --- the README screenshot ----------------------------------------------------------------------
