@@ -291,3 +291,20 @@ def test_a_flood_of_client_messages_is_rate_limited(alice, charlie_lamp):
         await socket.disconnect()
 
     run(scenario)
+
+
+def test_an_envelope_of_another_owner_is_not_forwarded_even_in_our_group(
+    alice, charlie, alice_lamp, charlie_lamp
+):
+    """Defence in depth: a sender bug that names the wrong group must still not leak."""
+    cookie = session_cookie(charlie)
+    leaked = live.envelope(alice_lamp.owner_id, [live.devices_message([{"id": 1}])])
+
+    async def scenario() -> None:
+        socket, _ = await open_socket(cookie)
+        layer = get_channel_layer()
+        await layer.group_send(live.owner_group(charlie_lamp.owner_id), leaked)
+        assert await socket.receive_nothing(timeout=0.5)
+        await socket.disconnect()
+
+    run(scenario)
