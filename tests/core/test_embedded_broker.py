@@ -124,3 +124,14 @@ def test_it_refuses_addresses_it_cannot_serve(value: str) -> None:
 
     with pytest.raises(CommandError):
         parse_bind(value)
+
+
+def test_the_procfile_wait_returns_as_soon_as_the_broker_answers(broker: int) -> None:
+    result = subprocess.run(
+        [sys.executable, "scripts/wait_for.py", "mqtt", f"mqtt://127.0.0.1:{broker}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
