@@ -14,6 +14,7 @@ interval, so a broker never delivers a stale command to a device with a persiste
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -133,9 +134,7 @@ class Publisher:
     def _properties(self, m: Message) -> Properties | None:
         if self.protocol != "5" or not m.expiry:
             return None
-        props = Properties(PacketTypes.PUBLISH)
-        props.MessageExpiryInterval = max(1, int(m.expiry))
-        return props
+        return _expiry_properties(max(1, int(m.expiry)))
 
     def _ready_client(self, deadline: float) -> mqtt.Client:
         with self._lock:
@@ -202,6 +201,14 @@ class Publisher:
     def _safe_url(self) -> str:
         p = mqtt_params(self.url)
         return f"{p['host']}:{p['port']}"
+
+
+@functools.lru_cache(maxsize=64)
+def _expiry_properties(seconds: int) -> Properties:
+    """Shared, never mutated: a burst of commands does not build one Properties per message."""
+    props = Properties(PacketTypes.PUBLISH)
+    props.MessageExpiryInterval = seconds
+    return props
 
 
 _publisher: Publisher | None = None

@@ -322,7 +322,7 @@ def _advance(plans: list[_Plan]) -> None:
 
 
 def prepare_seconds() -> float:
-    return float(getattr(settings, "SCHEDULE_PREPARE_SECONDS", 1.5))
+    return float(getattr(settings, "SCHEDULE_PREPARE_SECONDS", 3.0))
 
 
 def run_schedules_for(seconds: float, *, sleep=time.sleep) -> RunReport:

@@ -184,7 +184,7 @@ def main() -> None:
         import django
 
         django.setup()
-        from django.db.models import Count
+        from django.db.models import Count, Max, Min
 
         from apps.devices.models import Command
         from apps.schedules.models import RunStatus, ScheduleRun
@@ -245,7 +245,19 @@ def main() -> None:
             .values_list("status")
             .annotate(n=Count("id"))
         )
-        commands = Command.objects.filter(device__device_id__startswith=prefix).count()
+        ours_commands = Command.objects.filter(device__device_id__startswith=prefix)
+        commands = ours_commands.count()
+        stamps = ours_commands.aggregate(
+            written=Max("issued_at"), first_sent=Min("published_at"), last_sent=Max("published_at")
+        )
+
+        def ms_after_planned(at: datetime | None) -> float | None:
+            return round((at - planned).total_seconds() * 1000, 1) if at else None
+
+        phases = {
+            "commands_written_ms": ms_after_planned(stamps["written"]),
+            "publish_started_ms": ms_after_planned(stamps["first_sent"]),
+        }
         figures = {
             "bench": "schedules",
             "devices": DEVICES,
@@ -257,6 +269,8 @@ def main() -> None:
             "runs_published": runs.get(RunStatus.PUBLISHED, 0),
             "runs": runs,
             "lateness": lateness_ms(first),
+            # Relative to the planned instant: claims and commands are written ahead (negative).
+            "phases": phases,
             "baseline_lateness": base,
             "runner": f"celery beat + {WORKERS} workers",
             "database": "postgresql",
