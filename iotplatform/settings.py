@@ -80,6 +80,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # the docs UI's JS/CSS from static files, not a CDN
     "channels",
     "django_celery_beat",
     "apps.core",
@@ -88,6 +89,7 @@ INSTALLED_APPS = [
     "apps.devices",
     "apps.forwarding",
     "apps.schedules",
+    "apps.api",
 ]
 
 MIDDLEWARE = [
@@ -275,6 +277,11 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
 ]
 LOGIN_URL = "admin:login"
+# ModelBackend plus brute-force protection (apps.api.login_throttle).
+AUTHENTICATION_BACKENDS = ["apps.api.login_throttle.ThrottledModelBackend"]
+LOGIN_FAILURES_PER_ACCOUNT = env.int("LOGIN_FAILURES_PER_ACCOUNT", default=5)
+LOGIN_FAILURES_PER_ADDRESS = env.int("LOGIN_FAILURES_PER_ADDRESS", default=50)
+LOGIN_LOCKOUT_SECONDS = env.int("LOGIN_LOCKOUT_SECONDS", default=900)
 LOGIN_REDIRECT_URL = "dashboard"
 
 LANGUAGE_CODE = "en-us"
@@ -371,8 +378,36 @@ UNFOLD = {
     },
 }
 
+# --- Integration API (apps.api; docs/api.md) ---------------------------------------------------
 REST_FRAMEWORK = {
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "apps.api.schema.ApiAutoSchema",
+    # Default deny: API-key auth and a scope per route; public routes opt out explicitly.
+    "DEFAULT_AUTHENTICATION_CLASSES": ["apps.api.auth.ApiKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["apps.api.auth.HasScope"],
+    "EXCEPTION_HANDLER": "apps.api.errors.exception_handler",
+    "UNAUTHENTICATED_USER": None,
 }
-SPECTACULAR_SETTINGS = {"TITLE": "iotplatform API", "VERSION": "1.0.0"}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "iotplatform API",
+    "DESCRIPTION": "Devices, telemetry, commands, schedules and data delivery of one IoT owner.",
+    "VERSION": "1.0.0",
+    "SCHEMA_PATH_PREFIX": "/api/v1",
+    "COMPONENT_SPLIT_REQUEST": True,  # write-only secrets appear in requests only
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_AUTHENTICATION": [],
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "ENUM_NAME_OVERRIDES": {
+        "CommandStatusEnum": "apps.devices.models.CommandStatus",
+        "DeliveryStatusEnum": "apps.forwarding.models.Status",
+        "RunStatusEnum": "apps.schedules.models.RunStatus",
+    },
+}
+# Requests per API_RATE_WINDOW_SECONDS, per key and per owner (all its keys together).
+API_RATE_PER_KEY = env.int("API_RATE_PER_KEY", default=600)
+API_RATE_PER_OWNER = env.int("API_RATE_PER_OWNER", default=1200)
+API_RATE_WINDOW_SECONDS = env.int("API_RATE_WINDOW_SECONDS", default=60)
+API_IDEMPOTENCY_TTL_HOURS = env.float("API_IDEMPOTENCY_TTL_HOURS", default=24.0)
+if API_IDEMPOTENCY_TTL_HOURS < 24:
+    raise ImproperlyConfigured("API_IDEMPOTENCY_TTL_HOURS: keys are kept at least 24 hours")

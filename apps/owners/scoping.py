@@ -21,6 +21,10 @@ def owner_ids_for(user, minimum_role: str = Role.VIEWER) -> list[int] | None:
     """Ids of the owners `user` may act on with at least `minimum_role`; None means all."""
     if not user or not user.is_authenticated or not user.is_active:
         return []
+    # An API key (apps.api.auth.ApiClient) acts for its one owner; its scopes, not roles, decide.
+    key_owner_id = getattr(user, "api_key_owner_id", None)
+    if key_owner_id is not None:
+        return [key_owner_id]
     if user.is_superuser:
         return None
     allowed = [r for r, rank in ROLE_RANK.items() if rank >= ROLE_RANK[Role(minimum_role)]]
