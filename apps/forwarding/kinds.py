@@ -71,6 +71,9 @@ class Kind:
     label: str
     model_label: str
     transport_path: str
+    # Rows per unit of the platform's rate limits (DELIVERY_*_RATE count webhook requests):
+    # a row of a batched database write costs the workers a small fraction of a request.
+    rate_scale: int = 1
 
     @property
     def model(self) -> type[Model]:
@@ -85,6 +88,13 @@ KINDS: dict[str, Kind] = {
             "Webhook",
             "forwarding.WebhookDestination",
             "apps.forwarding.webhook.transport.WebhookTransport",
+        ),
+        Kind(
+            "database",
+            "Database",
+            "forwarding.DatabaseDestination",
+            "apps.forwarding.database.transport.DatabaseTransport",
+            rate_scale=10,
         ),
     )
 }

@@ -244,10 +244,13 @@ class DeliveryAlert(models.Model):
 
 # The kinds' child models live in their sub-packages; importing them here registers them with
 # this app (the app registry only looks at `models.py`).
+from .database.models import DatabaseBatch, DatabaseDestination  # noqa: E402
 from .webhook.models import WebhookDestination, WebhookHeader  # noqa: E402
 
 __all__ = [
     "Attempt",
+    "DatabaseBatch",
+    "DatabaseDestination",
     "Delivery",
     "DeliveryAlert",
     "Destination",

@@ -186,12 +186,16 @@ class Drainer:
         return total
 
     def _rate(self, config: TargetConfig, wanted: int) -> int:
-        limit = settings.DELIVERY_DESTINATION_RATE
+        scale = kinds.KINDS[config.kind].rate_scale
+        limit = settings.DELIVERY_DESTINATION_RATE * scale
         if config.rate_limit:
             limit = min(limit, config.rate_limit)
         granted = ratelimit.take(f"d{config.destination_id}", wanted, limit)
         if granted:
-            granted = ratelimit.take(f"o{config.owner_id}", granted, settings.DELIVERY_OWNER_RATE)
+            units = ratelimit.take(
+                f"o{config.owner_id}", -(-granted // scale), settings.DELIVERY_OWNER_RATE
+            )
+            granted = min(granted, units * scale)
         return granted
 
     def _collect(self, wait: float) -> int:

@@ -1,0 +1,1 @@
+"""The database kind of Data Delivery: rows into owners' own PostgreSQL and MySQL/MariaDB tables."""

@@ -1,0 +1,576 @@
+"""The database kind's `kinds.Transport`: batches of rows into owners' tables.
+
+Per destination and worker process there is one `Sink`: a buffer the pipeline hands claimed rows
+to, and a writer thread that owns the destination's one connection (the "pool" of one: opened on
+first use, kept while rows keep coming, closed after POOL_IDLE seconds without any). The thread
+takes up to `batch_size` rows — at once when that many are waiting, else when the oldest has
+waited `flush_interval` — writes them in one transaction (`writer.py`), and reports one `Result`
+per row. The pipeline may claim the next batch while one is being written (`capacity` allows
+two batches in flight), so claiming, rendering and the owner's server work in parallel.
+
+A thread per active destination, not a shared pool: a slow or hanging owner database then ties
+up its own thread only, never another destination's writes (statement and lock timeouts bound
+it anyway).
+
+Health (see `actions.py`): a batch failing for anything but its content pauses the destination
+for a back-off step; `capacity` then grants nothing until the pause is over, and one probe row
+after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import ModuleType
+from typing import Any
+
+from django.conf import settings as django_settings
+from django.db import close_old_connections, connection
+from django.utils import timezone
+
+from ..claims import Claimed, Result
+from ..kinds import TargetConfig, TestResult
+from ..models import Outcome
+from . import actions, connection_test, mapping, mysql, postgres, writer
+from .base import (
+    CONNECT_TIMEOUT,
+    STATEMENT_TIMEOUT,
+    ConnectionSettings,
+    ErrorClass,
+    SinkError,
+    TableInfo,
+    Target,
+)
+from .models import BatchOutcome, DatabaseDestination, Engine
+
+log = logging.getLogger(__name__)
+
+ENGINES: dict[str, ModuleType] = {Engine.POSTGRES: postgres, Engine.MYSQL: mysql}
+
+POOL_IDLE = 60.0  # seconds a destination's connection stays open without rows
+PING_AFTER = 30.0  # a connection idle this long is checked before it is used again
+# The longest one batch can take: connect, the statements, bisection, the commit.
+WRITE_BOUND = CONNECT_TIMEOUT + writer.SPLIT_DEADLINE + 2 * STATEMENT_TIMEOUT
+LEASE_MARGIN_DEFAULT = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseSettings:
+    name: str
+    connection: ConnectionSettings
+    target: Target
+    mapping: tuple[tuple[str, str], ...]
+    batch_size: int
+    flush_interval: float  # seconds
+    # Health as loaded (the transport keeps its own, fresher copy once running).
+    failure_streak: int
+    paused_until: float | None  # epoch seconds
+
+    def __repr__(self) -> str:
+        return f"DatabaseSettings({self.name!r}, {self.connection!r}, table={self.target.table})"
+
+
+@dataclass
+class Health:
+    streak: int = 0
+    paused_until: float = 0.0  # epoch seconds; 0 when not paused
+
+
+def _engine(settings: DatabaseSettings) -> ModuleType:
+    return ENGINES[settings.connection.engine]
+
+
+# --- one connection, owned by a sink's thread ---------------------------------------------------
+
+
+@dataclass
+class Session:
+    """A destination's open connection and what was learnt about its table."""
+
+    conn: Any = None
+    version: float | None = None
+    engine: ModuleType | None = None
+    table: TableInfo | None = None
+    converters: list[Callable[[Any], Any]] = field(default_factory=list)
+    renderer: mapping.Renderer | None = None
+    last_used: float = 0.0
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):  # a broken connection may fail to close
+                self.conn.close()
+        self.conn = None
+        self.table = None
+
+    def ready(self, config: TargetConfig) -> bool:
+        """Connect (or reuse) and check the table against the mapping; raises SinkError.
+
+        Returns whether an existing connection was reused (a stale one may then be retried)."""
+        settings: DatabaseSettings = config.settings
+        if self.conn is not None and self.version != config.version:
+            self.close()  # the destination was edited: new connection, new checks
+        if self.conn is not None and time.monotonic() - self.last_used > PING_AFTER:
+            try:
+                self.engine.ping(self.conn)  # type: ignore[union-attr]
+            except Exception:
+                self.close()
+        if self.conn is not None:
+            return True
+        engine = _engine(settings)
+        self.conn = engine.connect(settings.connection)
+        self.engine = engine
+        self.version = config.version
+        try:
+            self._introspect(settings)
+        except Exception:
+            self.close()
+            raise
+        return False
+
+    def _introspect(self, settings: DatabaseSettings) -> None:
+        engine, target = self.engine, settings.target
+        try:
+            table = engine.table_info(self.conn, target.schema, target.table)  # type: ignore[union-attr]
+        except Exception as exc:
+            raise engine.classify(exc) from exc  # type: ignore[union-attr]
+        if table is None:
+            raise SinkError(
+                ErrorClass.DESTINATION, f"The table {target.schema}.{target.table} does not exist."
+            )
+        problem = connection_test.mapping_problem(settings.connection.engine, target, table)
+        if problem:
+            raise SinkError(ErrorClass.DESTINATION, problem)
+        name = settings.connection.engine
+        columns = connection_test.columns_by_name(name, table)
+        self.table = table
+        self.converters = [
+            engine.converter(columns[connection_test.column_key(name, c)])  # type: ignore[union-attr]
+            for c in target.columns
+        ]
+        self.renderer = mapping.Renderer([list(pair) for pair in settings.mapping])
+
+
+# --- the buffer and its thread ------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Item:
+    row: Claimed
+    report: Callable[[Result], None]
+    arrived: float
+
+
+class Sink:
+    def __init__(self, transport: DatabaseTransport, destination_id: int) -> None:
+        self.transport = transport
+        self.destination_id = destination_id
+        self.cond = threading.Condition()
+        self.items: list[_Item] = []
+        self.config: TargetConfig | None = None
+        self.thread: threading.Thread | None = None
+        self.closing = False
+
+    def add(
+        self, config: TargetConfig, rows: list[Claimed], report: Callable[[Result], None]
+    ) -> None:
+        now = time.monotonic()
+        report = _threadsafe(report)
+        with self.cond:
+            self.config = config
+            self.items.extend(_Item(row, report, now) for row in rows)
+            if self.thread is None:
+                self.thread = threading.Thread(
+                    target=self._run, name=f"db-sink-{self.destination_id}", daemon=True
+                )
+                self.thread.start()
+            self.cond.notify()
+
+    def close(self) -> threading.Thread | None:
+        with self.cond:
+            self.closing = True
+            self.cond.notify()
+            return self.thread
+
+    def _take(self) -> tuple[TargetConfig, list[_Item]] | None:
+        """Wait for a batch: full, or its oldest row has waited the flush interval."""
+        idle_since = time.monotonic()
+        with self.cond:
+            while True:
+                now = time.monotonic()
+                if self.items:
+                    config = self.config
+                    assert config is not None
+                    size = config.settings.batch_size
+                    wait = self.items[0].arrived + config.settings.flush_interval - now
+                    if len(self.items) >= size or wait <= 0 or self.closing:
+                        taken = self.items[:size]
+                        del self.items[:size]
+                        return config, taken
+                    self.cond.wait(wait)
+                else:
+                    if self.closing or now - idle_since >= POOL_IDLE:
+                        self.thread = None
+                        return None
+                    self.cond.wait(POOL_IDLE - (now - idle_since))
+
+    def _take_all(self) -> list[_Item]:
+        with self.cond:
+            items, self.items = self.items, []
+            return items
+
+    def _run(self) -> None:
+        session = Session()
+        try:
+            while (taken := self._take()) is not None:
+                config, items = taken
+                try:
+                    self.transport.flush(session, config, items, self)
+                except Exception:
+                    # A bug must not strand rows: report them, the lease would do it late.
+                    log.exception("database sink destination=%s", self.destination_id)
+                    _report_all(items, Outcome.RETRY, "Internal error", config)
+        finally:
+            session.close()
+            connection.close()  # this thread's connection to the platform's database
+
+
+def _threadsafe(report: Callable[[Result], None]) -> Callable[[Result], None]:
+    """The form of `report` that may be called from the sink's thread: the pipeline's pump
+    takes results in its event loop (`pump.Pump.report_threadsafe`)."""
+    return getattr(getattr(report, "__self__", None), "report_threadsafe", None) or report
+
+
+def _report_all(
+    items: list[_Item], outcome: str, error: str, config: TargetConfig, duration_ms: int = 0
+) -> None:
+    started = timezone.now()
+    for item in items:
+        item.report(
+            Result(
+                delivery_id=item.row.id,
+                destination_id=config.destination_id,
+                owner_id=item.row.owner_id,
+                attempt=item.row.attempt,
+                started_at=started,
+                duration_ms=duration_ms,
+                outcome=outcome,
+                error=error,
+            )
+        )
+
+
+# --- the transport ------------------------------------------------------------------------------
+
+
+class DatabaseTransport:
+    """The database kind's `kinds.Transport`."""
+
+    def __init__(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._sinks: dict[int, Sink] = {}
+        self._health: dict[int, Health] = {}
+        self._pruned_at = 0.0
+
+    def _forked(self) -> None:
+        # Threads (and their connections) do not survive a fork (Celery prefork): start afresh.
+        if os.getpid() != self._pid:
+            self._pid = os.getpid()
+            self._sinks = {}
+            self._health = {}
+            self._lock = threading.Lock()
+
+    # --- the pipeline's side (drain thread) ------------------------------------------------------
+
+    def load(self, destination_ids: Collection[int]) -> dict[int, TargetConfig]:
+        self._forked()
+        margin = getattr(django_settings, "DELIVERY_LEASE_MARGIN", LEASE_MARGIN_DEFAULT)
+        configs = {}
+        for destination in DatabaseDestination.objects.filter(pk__in=destination_ids, enabled=True):
+            try:
+                configs[destination.pk] = self.config(destination, margin)
+            except Exception:
+                # A password that no longer decrypts (wrong key) must not stop other owners.
+                log.exception("destination %s: cannot load its settings", destination.pk)
+                continue
+            with self._lock:
+                # The database holds the truth across processes; a pause this process set is
+                # already there (written before its rows were reported).
+                self._health[destination.pk] = Health(
+                    destination.failure_streak,
+                    destination.paused_until.timestamp() if destination.paused_until else 0.0,
+                )
+        return configs
+
+    def config(self, destination: DatabaseDestination, margin: float) -> TargetConfig:
+        settings = DatabaseSettings(
+            name=destination.name,
+            connection=destination.connection_settings(),
+            target=destination.target(),
+            mapping=tuple((c, e) for c, e in destination.column_mapping),
+            batch_size=destination.batch_size,
+            flush_interval=destination.flush_interval_ms / 1000,
+            failure_streak=destination.failure_streak,
+            paused_until=(
+                destination.paused_until.timestamp() if destination.paused_until else None
+            ),
+        )
+        return TargetConfig(
+            destination_id=destination.pk,
+            owner_id=destination.owner_id,
+            kind="database",
+            version=destination.updated_at.timestamp(),
+            policy=destination.retry_policy(),
+            rate_limit=destination.rate_limit,
+            # Rows may wait in the buffer behind the batch being written, then be written.
+            lease_seconds=settings.flush_interval + 2 * WRITE_BOUND + margin,
+            settings=settings,
+        )
+
+    def capacity(self, config: TargetConfig, in_flight: int) -> int:
+        self._forked()
+        with self._lock:
+            health = self._health.setdefault(config.destination_id, Health())
+            if health.streak:
+                if in_flight or health.paused_until > time.time():
+                    return 0
+                # The pause is over: one probe row, if this process wins it.
+                health.paused_until = time.time() + config.lease_seconds
+        if health.streak:
+            if actions.claim_probe(config.destination_id, config.lease_seconds):
+                return 1
+            with self._lock:
+                health.paused_until = time.time() + 1.0  # another process probes; look again
+            return 0
+        return 2 * config.settings.batch_size - in_flight
+
+    def start(
+        self, config: TargetConfig, rows: list[Claimed], report: Callable[[Result], None]
+    ) -> None:
+        self._forked()
+        with self._lock:
+            sink = self._sinks.get(config.destination_id)
+            if sink is None:
+                sink = self._sinks[config.destination_id] = Sink(self, config.destination_id)
+        sink.add(config, rows, report)
+
+    def test(self, destination: DatabaseDestination) -> TestResult:
+        return connection_test.run(destination)
+
+    def close(self) -> None:
+        if os.getpid() != self._pid:
+            return
+        with self._lock:
+            sinks = list(self._sinks.values())
+            self._sinks.clear()
+        threads = [t for t in (s.close() for s in sinks) if t is not None]
+        for thread in threads:
+            thread.join(timeout=WRITE_BOUND)
+
+    # --- the sink thread's side ------------------------------------------------------------------
+
+    def flush(self, session: Session, config: TargetConfig, items: list[_Item], sink: Sink) -> None:
+        started = timezone.now()
+        t0 = time.perf_counter()
+        outcomes: list[tuple[str, str]] = [(Outcome.RETRY, "Internal error")] * len(items)
+        statements = 0
+        failure: SinkError | None = None
+        for try_number in (1, 2):
+            reused = session.conn is not None
+            try:
+                reused = session.ready(config)
+                session.last_used = time.monotonic()
+                statements = self._write(session, config, items, outcomes)
+                failure = None
+                break
+            except SinkError as exc:
+                failure = exc
+                session.close()
+                # A pooled connection the server dropped while idle: one fresh try at once.
+                if not (try_number == 1 and reused and exc.kind is ErrorClass.NETWORK):
+                    break
+        duration_ms = int((time.perf_counter() - t0) * 1000)
+
+        unsent: list[_Item] = []
+        if failure is not None:
+            outcomes = [(Outcome.RETRY, failure.message)] * len(items)
+            log.info(
+                "database destination=%s batch of %d failed (%s): %s",
+                config.destination_id,
+                len(items),
+                failure.kind.value,
+                failure.message,
+            )
+            pause = actions.pause_for(config.policy, self._health_of(config).streak + 1)
+            with self._lock:
+                health = self._health.setdefault(config.destination_id, Health())
+                health.streak += 1
+                health.paused_until = time.time() + pause
+            # Rows already claimed behind this batch would be a second attempt within the same
+            # back-off step: hand them back to the schedule untried.
+            unsent = sink._take_all()
+
+        for item, (outcome, error) in zip(items, outcomes, strict=True):
+            item.report(
+                Result(
+                    delivery_id=item.row.id,
+                    destination_id=config.destination_id,
+                    owner_id=item.row.owner_id,
+                    attempt=item.row.attempt,
+                    started_at=started,
+                    duration_ms=duration_ms,
+                    outcome=outcome,
+                    error=error,
+                )
+            )
+        if unsent:
+            _report_all(unsent, Outcome.RETRY, "Not sent: the destination is failing", config)
+        self._record(config, items, outcomes, failure, started, duration_ms, statements)
+
+    def _health_of(self, config: TargetConfig) -> Health:
+        with self._lock:
+            return self._health.setdefault(config.destination_id, Health())
+
+    def _write(
+        self,
+        session: Session,
+        config: TargetConfig,
+        items: list[_Item],
+        outcomes: list[tuple[str, str]],
+    ) -> int:
+        """Render, convert and write; fills `outcomes`; returns the statements used."""
+        settings: DatabaseSettings = config.settings
+        target = settings.target
+        renderer, converters = session.renderer, session.converters
+        assert renderer is not None
+        rows: list[list[Any]] = []
+        indexes: list[int] = []
+        latest: dict[tuple, int] = {}  # upsert: key -> position in rows
+        key_positions = [target.columns.index(k) for k in target.key_columns]
+        for index, item in enumerate(items):
+            row = item.row
+            if row.owner_id != config.owner_id:
+                # Never another owner's event in this owner's database, whatever happened.
+                log.error(
+                    "delivery %s of owner %s reached destination %s of owner %s",
+                    row.id,
+                    row.owner_id,
+                    config.destination_id,
+                    config.owner_id,
+                )
+                outcomes[index] = (Outcome.FAILED, "Refused: not an event of this owner")
+                continue
+            try:
+                values = [
+                    convert(value)
+                    for convert, value in zip(converters, renderer.render(row.payload), strict=True)
+                ]
+            except (ValueError, TypeError, OverflowError) as exc:
+                column = _failing_column(renderer, converters, row.payload, target)
+                outcomes[index] = (Outcome.FAILED, f"Column {column}: {exc}"[:300])
+                continue
+            if key_positions:
+                key = tuple(_hashable(values[p]) for p in key_positions)
+                previous = latest.get(key)
+                if previous is not None:
+                    # The same key twice in one batch: the later event wins (PostgreSQL refuses
+                    # to update one row twice in a statement); the earlier one is superseded.
+                    outcomes[indexes[previous]] = (Outcome.DELIVERED, "")
+                    rows[previous] = values
+                    indexes[previous] = index
+                    continue
+                latest[key] = len(rows)
+            rows.append(values)
+            indexes.append(index)
+        written = writer.write_batch(session.engine, session.conn, target, rows, indexes)  # type: ignore[arg-type]
+        for index in written.written:
+            outcomes[index] = (Outcome.DELIVERED, "")
+        for index, message in written.rejected.items():
+            outcomes[index] = (Outcome.FAILED, f"Rejected by the database: {message}"[:300])
+        for index in written.postponed:
+            outcomes[index] = (Outcome.RETRY, "Not written: the batch had too many bad rows")
+        return written.statements
+
+    def _record(
+        self,
+        config: TargetConfig,
+        items: list[_Item],
+        outcomes: list[tuple[str, str]],
+        failure: SinkError | None,
+        started: datetime,
+        duration_ms: int,
+        statements: int,
+    ) -> None:
+        """The batch log and the destination's health, in the platform's database."""
+        try:
+            close_old_connections()
+            if failure is None:
+                if self._health_of(config).streak or config.settings.failure_streak:
+                    actions.batch_succeeded(config.destination_id)
+                    with self._lock:
+                        self._health[config.destination_id] = Health()
+            else:
+                until = actions.batch_failed(config.destination_id, failure, config.policy)
+                with self._lock:
+                    health = self._health.setdefault(config.destination_id, Health())
+                    health.paused_until = max(health.paused_until, until.timestamp())
+            delivered = sum(o == Outcome.DELIVERED for o, _e in outcomes)
+            rejected = sum(o == Outcome.FAILED for o, _e in outcomes)
+            retried = sum(o == Outcome.RETRY for o, _e in outcomes)
+            if failure is not None:
+                outcome = (
+                    BatchOutcome.ERROR
+                    if failure.kind is ErrorClass.DESTINATION
+                    else BatchOutcome.RETRY
+                )
+            else:
+                outcome = BatchOutcome.PARTIAL if rejected or retried else BatchOutcome.WRITTEN
+            errors = [e for o, e in outcomes if o != Outcome.DELIVERED and e]
+            ids = [item.row.id for item in items]
+            actions.log_batch(
+                destination_id=config.destination_id,
+                owner_id=config.owner_id,
+                started_at=started,
+                duration_ms=duration_ms,
+                outcome=outcome,
+                rows=len(items),
+                written=delivered,
+                rejected=rejected,
+                retried=retried,
+                statements=statements,
+                first_delivery_id=min(ids),
+                last_delivery_id=max(ids),
+                error=failure.message if failure else (errors[0] if errors else ""),
+            )
+            now = time.monotonic()
+            if now - self._pruned_at > actions.PRUNE_EVERY:
+                self._pruned_at = now
+                actions.prune_batches()
+        except Exception:
+            log.exception("database destination=%s: recording the batch", config.destination_id)
+
+
+def _hashable(value: Any) -> Any:
+    return repr(value) if isinstance(value, dict | list) else value
+
+
+def _failing_column(
+    renderer: mapping.Renderer,
+    converters: list[Callable[[Any], Any]],
+    payload: dict[str, Any],
+    target: Target,
+) -> str:
+    for name, convert, value in zip(
+        target.columns, converters, renderer.render(payload), strict=True
+    ):
+        try:
+            convert(value)
+        except (ValueError, TypeError, OverflowError):
+            return name
+    return "?"
