@@ -57,7 +57,8 @@ class Transport(Protocol):
     def start(
         self, config: TargetConfig, rows: list[Claimed], report: Callable[[Result], None]
     ) -> None:
-        """Begin sending without blocking; call `report` (from any thread) once per row."""
+        """Begin sending without blocking; call `report` once per row, in the pump's loop
+        (`pump.py`; a transport using threads reports through `Pump.report_threadsafe`)."""
 
     def test(self, destination: Model) -> TestResult:
         """Test Connection: blocking, bounded by the destination's timeout."""
@@ -112,6 +113,9 @@ def transport(key: str) -> Transport:
 
 
 def close_transports() -> None:
+    from . import pump
+
     for found in _transports.values():
         found.close()
     _transports.clear()
+    pump.close()

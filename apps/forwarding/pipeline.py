@@ -18,7 +18,6 @@ rows. A lingering loop picks up new rows by itself, which is why the outbox may 
 from __future__ import annotations
 
 import logging
-import queue
 import time
 import uuid
 from collections import defaultdict
@@ -28,7 +27,7 @@ from django.conf import settings
 from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
-from . import actions, claims, kinds, ratelimit
+from . import actions, claims, kinds, pump, ratelimit
 from .claims import Result
 from .kinds import TargetConfig
 from .models import Delivery, Destination, Status
@@ -70,7 +69,7 @@ class Drainer:
         self.budget = budget
         self.linger = linger
         self.token = uuid.uuid4().hex
-        self.results: queue.SimpleQueue[Result] = queue.SimpleQueue()
+        self.pump = pump.pump()
         self.in_flight: dict[int, int] = defaultdict(int)
         self.total_in_flight = 0
         self.configs: dict[int, TargetConfig] = {}
@@ -182,7 +181,7 @@ class Drainer:
             self.total_in_flight += len(rows)
             self.stats.claimed += len(rows)
             total += len(rows)
-            transport.start(config, rows, self.results.put)
+            transport.start(config, rows, self.pump.report)
         return total
 
     def _rate(self, config: TargetConfig, wanted: int) -> int:
@@ -199,20 +198,13 @@ class Drainer:
         return granted
 
     def _collect(self, wait: float) -> int:
-        got = 0
-        try:
-            result = self.results.get(timeout=wait) if wait else self.results.get_nowait()
-            while True:
-                self.pending.append(result)
-                self.in_flight[result.destination_id] -= 1
-                self.total_in_flight -= 1
-                got += 1
-                if got >= RECORD_BATCH:
-                    break
-                result = self.results.get_nowait()
-        except queue.Empty:
-            pass
-        return got
+        """Run the transports' I/O for up to `wait` seconds; take the results that came in."""
+        results: list[Result] = self.pump.run(wait)
+        for result in results:
+            self.in_flight[result.destination_id] -= 1
+        self.total_in_flight -= len(results)
+        self.pending.extend(results)
+        return len(results)
 
     def _maybe_record(self, force: bool) -> None:
         if not self.pending:

@@ -2,9 +2,10 @@
 
 Why asyncio (aiohttp) and not a thread pool of `requests`: on this machine class aiohttp with a
 few dozen connections signs and posts ~7k requests/s, `requests` ~1.2k (FACTS.md); the
-acceptance bar is 3,000 signed deliveries/s end to end. The loop runs in a daemon thread of the
-worker process and lives across Celery tasks, so connections stay alive between them; the
-pipeline (plain synchronous Django code) hands it rows and collects results through a queue.
+acceptance bar is 3,000 signed deliveries/s end to end. Requests run on the worker process's
+`pump` loop, which the drain loop drives between its database steps (see `pump.py` for why not
+a background thread); the loop and its sessions live across Celery tasks, so connections stay
+alive between them.
 
 Per destination: its own ClientSession whose connector is limited to the destination's
 in-flight cap, uses the egress guard's resolver and socket factory (the address connected to is
@@ -18,10 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import socket
-import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -34,10 +33,11 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from django.utils import timezone
 from yarl import URL
 
-from .. import egress, template
+from .. import egress, pump, template
 from ..claims import Claimed, Result
 from ..kinds import TargetConfig, TestResult
 from ..models import Outcome
+from ..pump import Pump
 from ..retry import parse_retry_after
 from .models import MAX_TIMEOUT, WebhookDestination
 from .signing import decode_secret, signature_header
@@ -179,24 +179,13 @@ async def _request(
         return response.status, response.headers, text
 
 
-class _LoopThread:
-    def __init__(self) -> None:
-        self.pid = os.getpid()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(
-            target=self.loop.run_forever, name="webhook-sender", daemon=True
-        )
-        self.thread.start()
-
-
 class WebhookTransport:
     """The webhook kind's `kinds.Transport`."""
 
     def __init__(self) -> None:
-        self._thread: _LoopThread | None = None
-        # Touched only from the loop thread.
+        self._pump: Pump | None = None
+        # Used only inside the pump's loop.
         self._sessions: dict[int, tuple[float, aiohttp.ClientSession]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
         self._retired: set[aiohttp.ClientSession] = set()
 
     # --- the pipeline's side (worker thread) ------------------------------------------------
@@ -256,31 +245,27 @@ class WebhookTransport:
     def start(
         self, config: TargetConfig, rows: list[Claimed], report: Callable[[Result], None]
     ) -> None:
-        self._loop().call_soon_threadsafe(self._start, config, rows, report)
+        self._current_pump().call(self._start, config, rows, report)
 
     def test(self, destination: WebhookDestination) -> TestResult:
         config = self.config(destination, 0)
-        future = asyncio.run_coroutine_threadsafe(self._ping(config), self._loop())
-        return future.result(timeout=config.settings.timeout + 5)
+        # Its own short-lived loop: Test Connection runs in web requests as well as workers.
+        return asyncio.run(asyncio.wait_for(self._ping(config), config.settings.timeout + 5))
 
     def close(self) -> None:
-        thread = self._thread
-        if thread is None or thread.pid != os.getpid():
-            return
-        asyncio.run_coroutine_threadsafe(self._close_sessions(), thread.loop).result(timeout=10)
-        thread.loop.call_soon_threadsafe(thread.loop.stop)
-        thread.thread.join(timeout=5)
-        self._thread = None
+        current = self._pump
+        if current is not None and current is pump.pump():
+            current.complete(self._close_sessions(), 10)
+        self._pump = None
 
-    def _loop(self) -> asyncio.AbstractEventLoop:
-        thread = self._thread
-        if thread is None or thread.pid != os.getpid():
-            # First use, or a forked child (Celery prefork): threads do not survive a fork.
-            self._thread = thread = _LoopThread()
+    def _current_pump(self) -> Pump:
+        current = pump.pump()
+        if current is not self._pump:
+            # First use, or a forked child (Celery prefork): sessions belong to the old loop.
+            self._pump = current
             self._sessions = {}
-            self._tasks = set()
             self._retired = set()
-        return thread.loop
+        return current
 
     # --- the loop's side ----------------------------------------------------------------------
 
@@ -302,9 +287,7 @@ class WebhookTransport:
     ) -> None:
         session = self._session(config)
         for row in rows:
-            task = asyncio.ensure_future(self._send(session, config, row, report))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._current_pump().spawn(self._send(session, config, row, report))
 
     async def _send(
         self,
@@ -394,9 +377,7 @@ class WebhookTransport:
     def _close_retired(self, session: aiohttp.ClientSession) -> None:
         if session in self._retired:
             self._retired.discard(session)
-            task = asyncio.ensure_future(session.close())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._current_pump().spawn(session.close())
 
     async def _close_sessions(self) -> None:
         for session in [*(s for _v, s in self._sessions.values()), *self._retired]:
