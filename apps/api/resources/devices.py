@@ -266,7 +266,7 @@ class DeviceViewSet(ApiViewMixin, viewsets.ModelViewSet):
         detail=True,
         methods=["get"],
         url_path="telemetry/export",
-        renderer_classes=[CsvRenderer, *ApiViewMixin.renderer_classes],
+        renderer_classes=[*ApiViewMixin.renderer_classes, CsvRenderer],
     )
     def telemetry_export(self, request: Request, device_id: str) -> StreamingHttpResponse:
         qs = self._telemetry(request).order_by("ts", "id")
