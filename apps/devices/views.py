@@ -23,17 +23,32 @@ from apps.owners.models import Role
 from apps.owners.scoping import get_for_user_or_404, has_role, scope
 
 from . import commands, live
-from .models import Device, EventKind, Telemetry
+from .models import Device, EventKind, Profile, Telemetry
 
+# Units of readings as devices send them (docs/protocols.md): Tasmota reports W, meter-v2 kW.
 UNITS = {
     "voltage": "V",
     "current": "A",
     "power": "W",
+    "reactive_power": "var",
+    "apparent_power": "VA",
     "energy": "kWh",
+    "energy_export": "kWh",
     "frequency": "Hz",
     "temperature": "°C",
-    "pf": "",
 }
+PROFILE_UNITS = {
+    Profile.METER_V2: {"power": "kW", "reactive_power": "kvar", "apparent_power": "kVA"},
+}
+# Large values step up a prefix (1,500 kW -> 1.5 MW), as people read meters.
+PREFIX_LADDERS = [
+    ["W", "kW", "MW", "GW"],
+    ["var", "kvar", "Mvar", "Gvar"],
+    ["VA", "kVA", "MVA", "GVA"],
+    ["Wh", "kWh", "MWh", "GWh"],
+]
+# Shown first on a tile when present; other readings fill the remaining cards.
+TILE_FIRST = ("voltage", "current", "power", "energy")
 TILE_READINGS = 4
 CHART_WINDOW = timedelta(hours=2)
 CHART_POINTS = 300
@@ -61,16 +76,22 @@ def ago(then: datetime | None, now: datetime | None = None) -> str:
     return f"{seconds // 86400} d ago"
 
 
-def scaled(name: str, value: float) -> tuple[str, str]:
-    """A reading as text and unit, large powers and energies in k/M (live.js `scaled`)."""
-    unit = UNITS.get(name, "")
-    if name == "power" and abs(value) >= 1e6:
-        value, unit = value / 1e6, "MW"
-    elif name == "power" and abs(value) >= 1e3:
-        value, unit = value / 1e3, "kW"
-    elif name == "energy" and abs(value) >= 1e4:
-        value, unit = value / 1e3, "MWh"
+def scaled(name: str, value: float, profile: str = "") -> tuple[str, str]:
+    """A reading as text and unit, with a larger prefix for large values (live.js `scaled`)."""
+    unit = PROFILE_UNITS.get(profile, {}).get(name) or UNITS.get(name, "")
+    for ladder in PREFIX_LADDERS:
+        if unit in ladder:
+            step = ladder.index(unit)
+            while abs(value) >= 1000 and step + 1 < len(ladder):
+                value, step = value / 1000, step + 1
+            unit = ladder[step]
     return format_number(value), unit
+
+
+def tile_readings(values: dict[str, float]) -> list[tuple[str, float]]:
+    first = [(k, values[k]) for k in TILE_FIRST if k in values]
+    rest = [(k, v) for k, v in values.items() if k not in TILE_FIRST]
+    return (first + rest)[:TILE_READINGS]
 
 
 def reading_items(state: dict[str, Any], *, info: bool = True) -> list[dict[str, str]]:
@@ -79,9 +100,9 @@ def reading_items(state: dict[str, Any], *, info: bool = True) -> list[dict[str,
     live.js `readingItems` does the same; the device page lists signal and firmware as facts.
     """
     items = []
-    for name, value in list(live.chart_values(state["last_reading"]).items())[:TILE_READINGS]:
-        text, unit = scaled(name, value)
-        items.append({"name": name, "value": text, "unit": unit})
+    for name, value in tile_readings(live.chart_values(state["last_reading"])):
+        text, unit = scaled(name, value, state["profile"])
+        items.append({"name": name.replace("_", " "), "value": text, "unit": unit})
     if not info:
         return items
     if state["rssi"] is not None and len(items) < TILE_READINGS:

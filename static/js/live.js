@@ -13,6 +13,7 @@
   const dashboard = document.getElementById("dashboard");
   const devicePage = document.getElementById("device-page");
   const pageDevice = devicePage ? devicePage.dataset.deviceId : null;
+  const pageProfile = devicePage ? devicePage.dataset.profile : "";
 
   const PING_EVERY_MS = 25000;
   const PONG_TIMEOUT_MS = 10000;
@@ -27,9 +28,17 @@
   // --- formatting: mirrors apps/devices/views.py and live.chart_values -----------------------
 
   const UNITS = {
-    voltage: "V", current: "A", power: "W", energy: "kWh",
-    frequency: "Hz", temperature: "°C", pf: "",
+    voltage: "V", current: "A", power: "W", reactive_power: "var", apparent_power: "VA",
+    energy: "kWh", energy_export: "kWh", frequency: "Hz", temperature: "°C",
   };
+  const PROFILE_UNITS = {
+    "meter-v2": { power: "kW", reactive_power: "kvar", apparent_power: "kVA" },
+  };
+  const PREFIX_LADDERS = [
+    ["W", "kW", "MW", "GW"], ["var", "kvar", "Mvar", "Gvar"],
+    ["VA", "kVA", "MVA", "GVA"], ["Wh", "kWh", "MWh", "GWh"],
+  ];
+  const TILE_FIRST = ["voltage", "current", "power", "energy"];
   let clockOffsetMs = 0; // server time minus browser time, from the last snapshot
 
   function formatNumber(value) {
@@ -150,17 +159,23 @@
     }
   }
 
-  function scaled(name, value) {
-    let unit = UNITS[name] || "";
-    if (name === "power" && Math.abs(value) >= 1e6) { value /= 1e6; unit = "MW"; }
-    else if (name === "power" && Math.abs(value) >= 1e3) { value /= 1e3; unit = "kW"; }
-    else if (name === "energy" && Math.abs(value) >= 1e4) { value /= 1e3; unit = "MWh"; }
+  function scaled(name, value, profile) {
+    let unit = (PROFILE_UNITS[profile] || {})[name] || UNITS[name] || "";
+    for (const ladder of PREFIX_LADDERS) {
+      let step = ladder.indexOf(unit);
+      if (step < 0) continue;
+      while (Math.abs(value) >= 1000 && step + 1 < ladder.length) { value /= 1000; step += 1; }
+      unit = ladder[step];
+    }
     return [formatNumber(value), unit];
   }
 
   function readingItems(state, info) {
-    const items = Object.entries(chartValues(state.last_reading)).slice(0, TILE_READINGS)
-      .map(([name, value]) => [name, ...scaled(name, value)]);
+    const values = chartValues(state.last_reading);
+    const names = TILE_FIRST.filter((k) => k in values)
+      .concat(Object.keys(values).filter((k) => !TILE_FIRST.includes(k)))
+      .slice(0, TILE_READINGS);
+    const items = names.map((k) => [k.replace(/_/g, " "), ...scaled(k, values[k], state.profile)]);
     if (!info) return items;
     if (state.rssi !== null && items.length < TILE_READINGS) items.push(["signal", String(state.rssi), "dBm"]);
     if (state.firmware && items.length < TILE_READINGS) items.push(["firmware", state.firmware, ""]);
@@ -281,7 +296,7 @@
           legend: { display: false },
           tooltip: { callbacks: {
             title: (items) => new Date(items[0].parsed.x).toLocaleTimeString(),
-            label: (item) => scaled(chart.active, item.parsed.y).join(" "),
+            label: (item) => scaled(chart.active, item.parsed.y, pageProfile).join(" "),
           } },
         },
         scales: {
@@ -292,7 +307,7 @@
           },
           y: {
             grid: { color: "#f3f4f6" },
-            ticks: { maxTicksLimit: 5, callback: (v) => scaled(chart.active, v).join(" ") },
+            ticks: { maxTicksLimit: 5, callback: (v) => scaled(chart.active, v, pageProfile).join(" ") },
           },
         },
       },
@@ -320,7 +335,7 @@
     const tabs = document.getElementById("series-tabs");
     if (!tabs) return;
     tabs.replaceChildren(...chart.series.map((name) => {
-      const tab = el("button", "tab" + (name === chart.active ? " active" : ""), name);
+      const tab = el("button", "tab" + (name === chart.active ? " active" : ""), name.replace(/_/g, " "));
       tab.type = "button";
       tab.setAttribute("role", "tab");
       tab.addEventListener("click", () => { chart.active = name; renderChart(); });

@@ -337,7 +337,7 @@ def demo_fleet(owner_id: int) -> None:
             Profile.METER_V2,
             1,
             {},
-            {"voltage": 748.2, "current": 412.6, "power": 308707.3, "energy": 18342.9},
+            {"voltage": 748.2, "current": 412.6, "power": 308.7, "energy": 2782510.566},
             2,
             None,
         ),
@@ -347,7 +347,13 @@ def demo_fleet(owner_id: int) -> None:
             Profile.METER_V2,
             1,
             {},
-            {"voltage": 231.4, "current": 18.25, "power": 4121.7, "energy": 932.06},
+            {
+                "voltage": 231.4,
+                "current": 18.25,
+                "power": 4.122,
+                "energy": 932.06,
+                "frequency": 50.01,
+            },
             1,
             None,
         ),
@@ -380,7 +386,8 @@ def meter_history(device_id: str) -> None:
     for i in range(120):
         ts = now - timedelta(seconds=30 * (120 - i))
         load = 300 + 180 * math.sin(i / 7) + 90 * math.sin(i / 2.3)
-        data = {"voltage": 750 - load / 20, "current": load, "power": (750 - load / 20) * load}
+        voltage = 750 - load / 20  # the feeder sags under load
+        data = {"voltage": voltage, "current": load, "power": voltage * load / 1000}  # kW
         rows.append(
             Telemetry(
                 owner_id=device.owner_id,

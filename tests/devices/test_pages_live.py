@@ -137,3 +137,22 @@ def test_device_page_text_from_devices_is_escaped(client, alice, alice_owner):
 
     assert "<script>alert(1)</script>" not in html
     assert '"><img src=x>' not in html
+
+
+def test_readings_show_in_the_devices_units_with_a_readable_prefix(
+    client, alice, alice_meter, alice_relay
+):
+    # meter-v2 reports kW and kWh; Tasmota reports W (docs/protocols.md).
+    Device.objects.filter(pk=alice_meter.pk).update(
+        last_reading={"voltage": 815.7, "current": 63.4, "power": 1500.0, "energy": 2782510.566}
+    )
+    Device.objects.filter(pk=alice_relay.pk).update(last_reading={"ENERGY": {"Power": 1500}})
+    client.force_login(alice)
+
+    html = client.get(reverse("dashboard")).content.decode()
+
+    meter = html.split('data-device="alice-meter-1"')[1].split("</article>")[0]
+    relay = html.split('data-device="alice-relay-1"')[1].split("</article>")[0]
+    assert '<span class="value">1.5</span> <span class="unit">MW</span>' in meter
+    assert '<span class="value">2.78</span> <span class="unit">GWh</span>' in meter
+    assert '<span class="value">1.5</span> <span class="unit">kW</span>' in relay
