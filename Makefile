@@ -22,7 +22,8 @@ $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
 	  echo "iotplatform needs Python 3.11 or newer; found '$(PYTHON)'. Try: make PYTHON=/path/to/python3.11 ..." >&2; \
 	  exit 1; }
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+	  echo "Could not create $(VENV). On Debian/Ubuntu: apt install python3-venv" >&2; exit 1; }
 
 # Order-only on the interpreter: a new symlink mtime must not trigger a reinstall.
 $(STAMP): requirements.txt | $(BIN)/python
