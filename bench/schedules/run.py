@@ -233,9 +233,13 @@ def main() -> None:
             stop(procs)
             spy.close()
         for p in procs:
-            errors = (p.stderr.read() if p.stderr else "").strip()
+            # Celery's start-up chatter is noise here; errors and tracebacks are not.
+            lines = (p.stderr.read() if p.stderr else "").splitlines()
+            errors = [
+                line for line in lines if any(w in line for w in ("ERROR", "Traceback", "Error:"))
+            ]
             if errors:
-                log(f"[{' '.join(p.args[3:5])}] {errors[-2000:]}")
+                log(f"[celery {p.args[4]}] " + "\n".join(errors[-20:]))
 
         ours = {k: v for k, v in spy.arrivals.items() if k.startswith(f"home/{prefix}-")}
         first = [min(v) - planned.timestamp() for v in ours.values()]
