@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -73,18 +74,30 @@ class Recorded:
     gone_destinations: set[int] = field(default_factory=set)
 
 
-def _no_fsync_wait(cursor: Any) -> None:
-    """Within the current transaction, do not wait for the WAL flush at commit (PostgreSQL).
+@contextmanager
+def bookkeeping_without_fsync() -> Iterator[None]:
+    """For the duration, this connection's commits do not wait for the WAL flush (PostgreSQL).
 
-    Only for the workers' own bookkeeping (claims, results). If the database crashes, the last
-    few of those commits may be lost: a lost claim leaves the row pending, a lost result leaves
-    it leased until the lease expires, and either way the delivery is sent again with the same
-    webhook-id — the at-least-once contract receivers already handle. Waiting for an fsync on
-    every batch (2–3 ms here) would stall the worker's sends for nothing. The outbox rows
-    themselves are written in the listener's transaction, durably.
+    Used around a drain loop, whose commits are only the workers' own bookkeeping (claims,
+    results). If the database crashes, the last few of those commits may be lost: a lost claim
+    leaves the row pending, a lost result leaves it leased until the lease expires, and either
+    way the delivery is sent again with the same webhook-id — the at-least-once contract
+    receivers already handle. Waiting for an fsync per batch (2–3 ms here) would stall the
+    worker's sends for nothing. The outbox rows themselves are written durably, in the
+    listener's transaction. Set per session (one round trip, not one per transaction) and
+    reset afterwards, because the worker process also runs other apps' tasks.
     """
-    if connection.vendor == "postgresql":
-        cursor.execute("SET LOCAL synchronous_commit TO OFF")
+    if connection.vendor != "postgresql":
+        yield
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SET synchronous_commit TO OFF")
+    try:
+        yield
+    finally:
+        if connection.connection is not None:
+            with connection.cursor() as cursor:
+                cursor.execute("SET synchronous_commit TO DEFAULT")
 
 
 def _db_time(value: datetime) -> Any:
@@ -142,8 +155,7 @@ def claim(
         if connection.vendor == "postgresql"
         else update_params + select_params
     )
-    with transaction.atomic(), connection.cursor() as cursor:
-        _no_fsync_wait(cursor)
+    with connection.cursor() as cursor:
         cursor.execute(sql, params)
         rows = cursor.fetchall()
     claimed = [
@@ -277,8 +289,6 @@ def record(results: Iterable[Result], token: str, policies: dict[int, RetryPolic
 
     mine: set[int] = set()
     with transaction.atomic():
-        with connection.cursor() as cursor:
-            _no_fsync_wait(cursor)
         for (status, code, error, due), members in groups.items():
             values: dict[str, Any] = {
                 "status": status,

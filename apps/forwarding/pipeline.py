@@ -232,6 +232,7 @@ class Drainer:
 
 
 def drain(budget: float, linger: float = LINGER) -> DrainStats:
-    stats = Drainer(budget, linger).run()
+    with claims.bookkeeping_without_fsync():
+        stats = Drainer(budget, linger).run()
     log.debug("drain: %s", stats)
     return stats
