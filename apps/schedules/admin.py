@@ -156,8 +156,10 @@ class ScheduleAdmin(OwnerScopedAdminMixin, ModelAdmin):
 
     def get_changeform_initial_data(self, request: HttpRequest) -> dict[str, Any]:
         initial = super().get_changeform_initial_data(request)
-        owner = owners_for(request.user, Role.ADMIN).filter(pk=initial.get("owner")).first()
-        owner = owner or owners_for(request.user, Role.ADMIN).first()
+        mine = owners_for(request.user, Role.ADMIN)
+        requested = str(initial.get("owner", ""))
+        owner = mine.filter(pk=int(requested)).first() if requested.isdigit() else None
+        owner = owner or mine.first()
         initial.setdefault("timezone", owner.timezone if owner else "UTC")
         return initial
 

@@ -250,3 +250,21 @@ def test_the_template_tag_needs_no_request_for_plain_rendering(alice_lamp, eveni
         Context({"device": alice_lamp})
     )
     assert "evening" in html and "Disable" not in html
+
+
+def test_the_add_form_starts_in_the_owners_time_zone(client, alice, alice_owner, alice_lamp):
+    client.force_login(alice)
+    for query in (f"?owner={alice_owner.pk}", "?owner=nonsense", ""):
+        html = client.get(ADD + query).content.decode()
+        assert 'value="Europe/Berlin"' in html
+
+
+def test_beat_has_the_runner_and_the_command_sweep():
+    from django_celery_beat.models import PeriodicTask
+
+    from iotplatform.celery import app
+
+    tasks = dict(PeriodicTask.objects.values_list("task", "interval__every"))
+    assert tasks["schedules.run_due"] == 2 and tasks["commands.sweep"] == 5
+    app.loader.import_default_modules()
+    assert {"schedules.run_due", "commands.sweep", "commands.send_held"} <= set(app.tasks)
