@@ -369,6 +369,7 @@ class DatabaseTransport:
         with self._lock:
             sinks = list(self._sinks.values())
             self._sinks.clear()
+            self._health.clear()
         threads = [t for t in (s.close() for s in sinks) if t is not None]
         for thread in threads:
             thread.join(timeout=WRITE_BOUND)
@@ -416,6 +417,8 @@ class DatabaseTransport:
             # back-off step: hand them back to the schedule untried.
             unsent = sink._take_all()
 
+        # The batch log and health first: whoever sees these rows done sees their effects.
+        self._record(config, items, outcomes, failure, started, duration_ms, statements)
         for item, (outcome, error) in zip(items, outcomes, strict=True):
             item.report(
                 Result(
@@ -431,7 +434,6 @@ class DatabaseTransport:
             )
         if unsent:
             _report_all(unsent, Outcome.RETRY, "Not sent: the destination is failing", config)
-        self._record(config, items, outcomes, failure, started, duration_ms, statements)
 
     def _health_of(self, config: TargetConfig) -> Health:
         with self._lock:

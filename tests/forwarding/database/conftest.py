@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from apps.forwarding import outbox
+from apps.forwarding import kinds, outbox
 from apps.forwarding.database.models import DatabaseDestination
 from apps.owners.models import Owner
 from tests.services import require_mariadb, require_postgres
@@ -128,6 +128,14 @@ def _mariadb() -> Iterator[TargetDB]:
 @pytest.fixture
 def allow_loopback(settings) -> None:
     settings.EGRESS_ALLOW = ["127.0.0.1/32"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_database_transport() -> Iterator[None]:
+    # Each test starts without pooled connections or remembered health, and leaves no writer
+    # thread holding a connection to a database that is about to be dropped.
+    yield
+    kinds.transport("database").close()
 
 
 @pytest.fixture
