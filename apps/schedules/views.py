@@ -7,7 +7,7 @@ device from the device page's `get_for_user_or_404`), so every query here filter
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date
 from typing import Any
 
 from django.db.models import Q
@@ -126,5 +126,4 @@ def device_schedules_context(user: Any, device: Device, next_url: str = "") -> d
         if has_role(user, device.owner_id, Role.ADMIN)
         else "",
         "next": next_url,
-        "now": datetime.now(tz=timezone.get_current_timezone()),
     }

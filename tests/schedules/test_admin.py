@@ -3,6 +3,7 @@ the device page card, the device switch actions — and what bob (viewer) and ch
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import pytest
@@ -68,6 +69,13 @@ def test_preview_lists_ten_runs_local_and_utc_and_marks_dst(client, alice):
     assert response.status_code == 200
     assert 'data-preview-rows="10"' in html
     assert "UTC" in html and "Europe/Berlin" in html
+
+
+def test_preview_shows_local_times_in_the_schedules_zone_beside_utc(client, alice):
+    client.force_login(alice)
+    html = client.get(PREVIEW, {"cron": "30 18 * * *", "timezone": "America/New_York"}).content
+    # Local 18:30 in New York (EST or EDT, whatever today is), UTC 23:30 or 22:30.
+    assert re.search(r"18:30 E[SD]T</td>\s*<td[^>]*>\d{4}-\d\d-\d\d (23|22):30<", html.decode())
 
 
 def test_preview_shows_the_errors_of_what_is_typed(client, alice):
@@ -178,6 +186,7 @@ def test_the_owner_page_has_a_schedules_tab_with_next_runs_and_run_history(
     ).content.decode()
     assert 'id="schedules-group"' in html
     assert "evening" in html and "30 18 * * *" in html
+    assert re.search(r"18:30 CES?T", html)  # next runs in the schedule's zone
     assert "missed: more than 300s late" in html
     assert reverse("admin:schedules_schedule_enabled", args=[evening.pk]) in html
 
@@ -189,6 +198,7 @@ def test_the_device_page_card_lists_the_devices_schedules(alice, bob, evening, a
         request.user = user
         html = template.render(Context({"device": alice_lamp, "request": request}))
         assert "evening" in html and "30 18 * * *" in html
+        assert re.search(r"18:30 CES?T", html)
         toggle = reverse("admin:schedules_schedule_enabled", args=[evening.pk])
         assert (toggle in html) is can_toggle
 
