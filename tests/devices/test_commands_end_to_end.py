@@ -20,8 +20,9 @@ from django.test import override_settings
 from paho.mqtt.enums import CallbackAPIVersion
 
 from apps.devices.commands import execute_command, sweep
-from apps.devices.listener import Listener, mqtt_params
+from apps.devices.listener import Listener
 from apps.devices.models import Command, CommandStatus, Connection, Device, Profile
+from apps.devices.mqtt import mqtt_params
 from apps.schedules import actions
 from apps.schedules.models import RunStatus, Schedule, ScheduleRun
 from tests.schedules import spy as spying
@@ -213,14 +214,15 @@ def test_a_scheduled_run_is_confirmed_by_the_lamp(command_broker, listener, devi
         return [(f"home/{lamp.device_id}/status", json.dumps(status).encode())]
 
     devices.append(FakeDevice(command_broker, f"home/{lamp.device_id}/cmd", firmware))
+    planned = timezone.now().replace(second=0, microsecond=0)
     Schedule.objects.create(
         owner=alice_owner,
         name="now",
         device=lamp,
         action="ON",
-        cron="* * * * *",
+        cron=f"{planned.minute} {planned.hour} * * *",  # next run a day away
         timezone="UTC",
-        next_run_at=timezone.now().replace(second=0, microsecond=0),
+        next_run_at=planned,
     )
     assert actions.run_due_schedules().published == 1
     run = ScheduleRun.objects.get()

@@ -18,7 +18,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from apps.devices.listener import mqtt_params
+from apps.devices.mqtt import mqtt_params
 from apps.devices.publisher import reset_publisher
 
 COMMAND_TOPICS = ["home/+/cmd", "cmnd/+/+", "+/cmnd/+", "iot/+/command"]

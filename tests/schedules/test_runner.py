@@ -35,7 +35,13 @@ def make_lamp(owner, **extra) -> Device:
     return Device.objects.create(owner=owner, device_id=unique("sched-lamp"), **fields)
 
 
-def make_schedule(owner, device=None, *, due_at: datetime, cron="* * * * *", **extra):
+def daily_at(at: datetime) -> str:
+    """A cron whose next run after `at` is a day away: no second run while a test runs."""
+    return f"{at.minute} {at.hour} * * *"
+
+
+def make_schedule(owner, device=None, *, due_at: datetime, cron: str | None = None, **extra):
+    cron = cron or daily_at(due_at)
     return Schedule.objects.create(
         owner=owner,
         name=extra.pop("name", "evening"),
@@ -74,7 +80,7 @@ def test_a_due_schedule_publishes_one_command_and_records_its_run(spy, alice_own
     assert str(run.command.request_id) == seen.json()["requestId"]
     assert (run.command.issuer_type, run.command.issuer_id) == ("schedule", str(schedule.pk))
     schedule.refresh_from_db()
-    assert schedule.next_run_at == planned + timedelta(minutes=1)
+    assert schedule.next_run_at == planned + timedelta(days=1)
     assert schedule.last_run_at == planned
 
 
@@ -105,7 +111,7 @@ def test_a_group_schedule_records_one_run_and_one_command_per_device(spy, alice_
         name="street lights",
         group=group,
         action="OFF",
-        cron="*/15 * * * *",
+        cron=daily_at(planned),
         timezone="UTC",
         next_run_at=planned,
     )
@@ -337,8 +343,9 @@ def test_the_runner_loop_prepares_ahead_but_never_publishes_before_the_planned_i
     settings.SCHEDULE_PREPARE_SECONDS = 1.5
     lamps = [make_lamp(alice_owner) for _ in range(5)]
     planned = (timezone.now() + timedelta(seconds=2)).replace(microsecond=0)
+    daily = f"{planned.minute} {planned.hour} * * *"  # its next run is a day away
     for i, lamp in enumerate(lamps):
-        make_schedule(alice_owner, lamp, due_at=planned, name=f"p{i}")
+        make_schedule(alice_owner, lamp, due_at=planned, cron=daily, name=f"p{i}")
 
     report = actions.run_schedules_for(4.0)
 
