@@ -9,12 +9,11 @@ from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils.http import url_has_allowed_host_and_scheme
-from django.views.decorators.http import require_POST
 from unfold.admin import ModelAdmin
 from unfold.decorators import display
 
@@ -117,6 +116,8 @@ class ApiKeyAdmin(OwnerScopedAdminMixin, ModelAdmin):
         ]
 
     def revoke_view(self, request: HttpRequest, pk: int) -> HttpResponse:
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
         return _revoke(self, request, pk)
 
     @display(description="Key")
@@ -132,7 +133,6 @@ class ApiKeyAdmin(OwnerScopedAdminMixin, ModelAdmin):
         return ("active", "Active") if obj.is_active else ("revoked", "Revoked")
 
 
-@require_POST
 def _revoke(model_admin: ApiKeyAdmin, request: HttpRequest, pk: int) -> HttpResponse:
     key = get_object_or_404(model_admin.get_queryset(request), pk=pk)  # scoped: 404 otherwise
     if not model_admin.has_change_permission(request, key):
