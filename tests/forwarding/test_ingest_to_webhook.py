@@ -30,9 +30,7 @@ def reading(device_id: str, seq: int, voltage: float) -> InboundMessage:
     )
 
 
-def test_a_reading_goes_from_ingest_to_the_receiver(
-    receiver, alice_owner, alice_meter, charlie_lamp
-) -> None:
+def test_a_reading_goes_from_ingest_to_the_receiver(receiver, alice_owner, alice_meter) -> None:
     hook = make_webhook(alice_owner, receiver.url(), event_types=["telemetry"])
     result = ingest_batch([reading(alice_meter.device_id, 1, 750.5)])
     assert result.stored == 1

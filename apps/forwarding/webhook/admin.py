@@ -67,6 +67,17 @@ class WebhookDestinationForm(forms.ModelForm):
                 "generated and shown once). Paste a whsec_… secret to set your own."
             )
 
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        owner = cleaned.get("owner") or (self.instance.owner if self.instance.pk else None)
+        devices = cleaned.get("devices")
+        if owner is not None and devices is not None:
+            foreign = [d for d in devices if d.owner_id != owner.pk]
+            if foreign:
+                # A member of two owners must not route one owner's devices to the other.
+                self.add_error("devices", "Pick devices of this destination's owner only.")
+        return cleaned
+
 
 class WebhookHeaderInline(OwnerScopedAdminMixin, TabularInline):
     model = WebhookHeader
@@ -122,6 +133,11 @@ class WebhookDestinationAdmin(OwnerScopedAdminMixin, ModelAdmin):
             },
         ),
     )
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple:
+        # The owner is fixed once created: secrets are encrypted bound to it.
+        fields = tuple(super().get_readonly_fields(request, obj))
+        return (*fields, "owner") if obj is not None else fields
 
     # --- display ----------------------------------------------------------------------------
 
