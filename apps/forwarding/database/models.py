@@ -139,6 +139,12 @@ class DatabaseDestination(Destination):
         self.kind = KIND
         if self.engine == Engine.MYSQL:
             self.schema = ""
+        # Saved = edited by its owner (the pipeline writes health with update()): the edit may
+        # be the fix, so the next batch is tried at once instead of after the pause.
+        self.failure_streak = 0
+        self.paused_until = None
+        self.error_reason = ""
+        self.error_since = None
         super().save(*args, **kwargs)
 
     @property

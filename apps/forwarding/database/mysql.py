@@ -379,6 +379,10 @@ def converter(column: Column) -> Any:
 # --- writing ----------------------------------------------------------------------------------
 
 
+def prepare(conn: Connection, target: Target) -> None:
+    """Nothing to set up: the multi-row INSERT needs no staging."""
+
+
 def insert_sql(target: Target) -> str:
     columns = ", ".join(q(c) for c in target.columns)
     row = "(" + ", ".join(["%s"] * len(target.columns)) + ")"

@@ -148,6 +148,7 @@ class Session:
             raise SinkError(ErrorClass.DESTINATION, problem)
         name = settings.connection.engine
         columns = connection_test.columns_by_name(name, table)
+        engine.prepare(self.conn, target)  # type: ignore[union-attr]
         self.table = table
         self.converters = [
             engine.converter(columns[connection_test.column_key(name, c)])  # type: ignore[union-attr]
@@ -430,6 +431,8 @@ class DatabaseTransport:
                     duration_ms=duration_ms,
                     outcome=outcome,
                     error=error,
+                    # Written rows are in the batch log; only failures get a row of their own.
+                    logged=outcome != Outcome.DELIVERED,
                 )
             )
         if unsent:

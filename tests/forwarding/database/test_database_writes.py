@@ -89,7 +89,9 @@ def test_replaying_an_upsert_batch_leaves_the_table_unchanged(
         # Not even rewritten: the same row versions (the update is skipped when nothing differs).
         assert target_db.execute("SELECT event_id, xmin::text FROM readings ORDER BY 1") == versions
     assert Delivery.objects.filter(destination=destination, replays=1).count() == 50
-    assert Attempt.objects.filter(destination=destination).count() == 100
+    # Written rows are logged per batch, not per row (dead letters do get attempt rows).
+    assert not Attempt.objects.filter(destination=destination).exists()
+    assert DatabaseBatch.objects.filter(destination=destination).count() >= 2
 
 
 def test_a_constant_and_interpolated_text_are_written(target_db, alice_owner, alice_meter) -> None:
