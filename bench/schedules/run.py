@@ -12,6 +12,7 @@ Full size: 1,000 devices; BENCH_SMALL=1: 100. The last line is one JSON object.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -288,6 +289,7 @@ def main() -> None:
         from django.db import connections
 
         connections.close_all()  # the database is dropped next
+        shutil.rmtree(var, ignore_errors=True)
         emit(figures)
 
 
