@@ -291,6 +291,8 @@ def main() -> None:
         connections.close_all()  # the database is dropped next
         shutil.rmtree(var, ignore_errors=True)
         emit(figures)
+        if duplicates or len(ours) != DEVICES or spy.retained:
+            sys.exit(1)  # a correctness failure, not a slow run: CI must not pass it
 
 
 if __name__ == "__main__":
