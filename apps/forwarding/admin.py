@@ -30,6 +30,7 @@ from apps.owners.models import Owner, Role
 from apps.owners.scoping import has_role, scope
 
 from . import actions, stats
+from .database import admin as _database_admin  # registers DatabaseDestinationAdmin
 from .kinds import KINDS
 from .models import Attempt, Delivery, DeliveryAlert, Destination, Outcome, Status
 from .webhook import admin as _webhook_admin  # noqa: F401 - registers WebhookDestinationAdmin
@@ -297,6 +298,7 @@ def owner_delivery_context(request: HttpRequest, owner: Owner) -> dict[str, Any]
         "deliveries_url": f"{reverse('admin:forwarding_delivery_changelist')}"
         f"?owner__id__exact={owner.pk}",
         "next": request.get_full_path() + "#data-delivery",
+        "db_batches": _database_admin.recent_batches(owner.pk),
     }
 
 

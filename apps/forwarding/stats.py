@@ -44,7 +44,26 @@ def latency(destination_id: int, sample: int = LATENCY_SAMPLE) -> tuple[int | No
     return percentile(durations, 50), percentile(durations, 95)
 
 
+def batch_latency(
+    destination_id: int, sample: int = LATENCY_SAMPLE
+) -> tuple[int | None, int | None]:
+    """Database destinations log batches, not attempts: how long written batches took."""
+    from .database.models import BatchOutcome, DatabaseBatch
+
+    durations = sorted(
+        DatabaseBatch.objects.filter(
+            destination_id=destination_id,
+            outcome__in=[BatchOutcome.WRITTEN, BatchOutcome.PARTIAL],
+        )
+        .order_by("-id")
+        .values_list("duration_ms", flat=True)[:sample]
+    )
+    return percentile(durations, 50), percentile(durations, 95)
+
+
 def figures(destinations: Iterable[Destination]) -> dict[int, Figures]:
+    destinations = list(destinations)
+    kinds = {d.pk: d.kind for d in destinations}
     ids = [d.pk for d in destinations]
     if not ids:
         return {}
@@ -61,6 +80,6 @@ def figures(destinations: Iterable[Destination]) -> dict[int, Figures]:
     for pk in ids:
         pending = counts.get((pk, Status.PENDING), 0)
         sending = counts.get((pk, Status.SENDING), 0)
-        p50, p95 = latency(pk)
+        p50, p95 = batch_latency(pk) if kinds[pk] == "database" else latency(pk)
         result[pk] = Figures(pending + sending, sending, p50, p95)
     return result

@@ -42,7 +42,13 @@ def sweep() -> None:
     actions.sweep()
 
 
-@shared_task(name="forwarding.test_destination", ignore_result=True, time_limit=MAX_TIMEOUT + 30)
+@shared_task(
+    name="forwarding.test_destination",
+    ignore_result=True,
+    # Both limits: a soft limit above the hard one (the settings' default) makes .delay() fail.
+    soft_time_limit=MAX_TIMEOUT + 20,
+    time_limit=MAX_TIMEOUT + 30,
+)
 def test_destination(owner_id: int, destination_id: int) -> None:
     # The owner id is part of the lookup: an id of another owner's destination finds nothing.
     destination = Destination.objects.filter(owner_id=owner_id, pk=destination_id).first()

@@ -159,3 +159,26 @@ def destination_changed(destination: DatabaseDestination, *, test: bool = True) 
     destination.paused_until = None
     destination.error_reason = ""
     actions.destination_saved(destination, test=test)
+
+
+def create_table(destination: DatabaseDestination) -> tuple[bool, str]:
+    """Run the suggested CREATE TABLE in the owner's database — only ever because the owner
+    ticked the option for it. Returns (done, message for the owner)."""
+    from . import ddl, mysql, postgres
+
+    statement = ddl.suggest(destination)
+    engine = postgres if destination.engine == "postgres" else mysql
+    try:
+        conn = engine.connect(destination.connection_settings())
+    except SinkError as exc:
+        return False, exc.message
+    try:
+        engine.execute_ddl(conn, statement)
+    except Exception as exc:
+        error = engine.classify(exc)
+        log.info("create table for destination %s: %r", destination.pk, exc)
+        return False, f"The table could not be created: {error.message}"
+    finally:
+        conn.close()
+    log.info("destination %s: created table %s", destination.pk, destination.table)
+    return True, f"Table {destination.table} is in place (created unless it existed)."
