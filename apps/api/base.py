@@ -103,6 +103,10 @@ class ApiViewMixin:
     def finalize_response(
         self, request: Request, response: Any, *args: Any, **kwargs: Any
     ) -> HttpResponse:
+        if isinstance(response, Response) and response.status_code >= 400:
+            # Errors are JSON whatever was negotiated (the CSV export's errors too).
+            request.accepted_renderer = JSONRenderer()
+            request.accepted_media_type = JSONRenderer.media_type
         response = super().finalize_response(request, response, *args, **kwargs)  # type: ignore[misc]
         window = getattr(request, "rate_window", None)
         if window is not None and not response.has_header("RateLimit-Limit"):

@@ -64,7 +64,8 @@ class RunSerializer(serializers.ModelSerializer):
 
 class NextRunSerializer(serializers.Serializer):
     at = serializers.DateTimeField(help_text="UTC.")
-    local = serializers.DateTimeField(help_text="In the schedule's time zone.")
+    # A string: DRF would render a datetime in the server's zone, not the schedule's.
+    local = serializers.CharField(help_text="ISO 8601 in the schedule's time zone, with offset.")
     note = serializers.CharField(allow_blank=True, help_text="Set next to a DST change.")
 
 
@@ -89,7 +90,7 @@ class GroupSerializer(serializers.ModelSerializer):
 
 
 def _rows(rows: list[cron.PreviewRow]) -> list[dict[str, Any]]:
-    return [{"at": r.at, "local": r.local, "note": r.note} for r in rows]
+    return [{"at": r.at, "local": r.local.isoformat(), "note": r.note} for r in rows]
 
 
 COUNT_PARAM = OpenApiParameter("count", OpenApiTypes.INT, description=f"1 to {MAX_PREVIEW}.")
