@@ -132,8 +132,7 @@ class Report:
         return {"errors": self.errors, "warnings": self.warnings, "notes": self.notes}
 
     def summary(self, limit: int = 300) -> str:
-        parts = self.errors or self.notes[:1]
+        text = " ".join(self.errors or self.notes[:1]) or "OK"
         if self.warnings:
-            parts = [*parts, "Warning: " + "; ".join(self.warnings)]
-        text = " ".join(parts) or "OK"
+            text += " — Warning: " + "; ".join(self.warnings) + "."
         return text if len(text) <= limit else text[: limit - 1] + "…"
