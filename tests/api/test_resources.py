@@ -105,7 +105,10 @@ def test_telemetry_pages_through_a_time_range_newest_first(alice_api, alice_mete
 
 
 def test_a_bad_range_is_a_field_error(alice_api, alice_meter):
-    url = f"{DEVICES}{alice_meter.device_id}/telemetry/?since=2025-01-02T00:00:00Z&until=2025-01-01T00:00:00Z"
+    url = (
+        f"{DEVICES}{alice_meter.device_id}/telemetry/"
+        "?since=2025-01-02T00:00:00Z&until=2025-01-01T00:00:00Z"
+    )
     assert alice_api.get(url).json()["error"]["fields"]["until"]
 
 
