@@ -152,7 +152,13 @@ def raw_rate(url: str, qos: int) -> float:
 
 
 class CommitWatcher:
-    """Polls the telemetry table; records when each new row became visible (commit time)."""
+    """Polls the telemetry table; records when each new row became visible (commit time).
+
+    Several listener copies commit concurrently, so ids do not become visible in order: rows
+    are looked for in a window behind the highest id seen and remembered in a set.
+    """
+
+    WINDOW = 20000
 
     def __init__(self, database_url: str) -> None:
         import psycopg
@@ -160,20 +166,26 @@ class CommitWatcher:
         self.conn = psycopg.connect(
             database_url.replace("postgres://", "postgresql://", 1), autocommit=True
         )
-        self.last_id = 0
+        self.high = 0
+        self.seen: set[int] = set()
         self.latencies: list[float] = []
         self.count = 0
 
     def poll(self) -> int:
         now = datetime.now(UTC)
         rows = self.conn.execute(
-            "SELECT id, ts FROM devices_telemetry WHERE id > %s ORDER BY id", (self.last_id,)
+            "SELECT id, ts FROM devices_telemetry WHERE id > %s", (self.high - self.WINDOW,)
         ).fetchall()
+        new = 0
         for row_id, ts in rows:
+            if row_id in self.seen:
+                continue
+            self.seen.add(row_id)
+            self.high = max(self.high, row_id)
             self.latencies.append((now - ts).total_seconds() * 1000)
-            self.last_id = row_id
-        self.count += len(rows)
-        return len(rows)
+            new += 1
+        self.count += new
+        return new
 
     def wait_for(self, total: int, timeout: float) -> float:
         """Poll until `total` rows are visible; returns the time of the last new row."""
@@ -204,6 +216,15 @@ def create_devices(env: dict[str, str], prefixes: list[str]) -> None:
     )
 
 
+def _follow(proc: subprocess.Popen, connected: threading.Event) -> None:
+    """Read a listener's log: note when it has connected; echo it with BENCH_DEBUG=1."""
+    for line in proc.stderr:
+        if b"event=connected" in line:
+            connected.set()
+        if os.environ.get("BENCH_DEBUG"):
+            sys.stderr.write(line.decode(errors="replace"))
+
+
 def platform_run(mqtt_url: str, database_url: str, qos: int, watcher: CommitWatcher, prefix: str):
     env = platform_env(
         database_url,
@@ -211,19 +232,27 @@ def platform_run(mqtt_url: str, database_url: str, qos: int, watcher: CommitWatc
         MQTT_PROTOCOL="5",
         MQTT_SHARED_GROUP="bench" if LISTENERS > 1 else "",
     )
+    env["LOG_LEVEL"] = "INFO"
     listeners = [
         spawn_manage(
             "mqtt_listen",
             "--no-live",
             "--client-id",
-            f"bench-listener-{qos}-{n}",
+            # Stable ids: a copy that restarts resumes its session (and its share of messages).
+            f"bench-listener-{n}",
             env=env,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         for n in range(LISTENERS)
     ]
+    connected = [threading.Event() for _ in listeners]
+    for proc, event in zip(listeners, connected, strict=True):
+        threading.Thread(target=_follow, args=(proc, event), daemon=True).start()
     try:
-        time.sleep(4)  # start-up and subscriptions
+        for event in connected:
+            if not event.wait(120):
+                raise RuntimeError("a listener did not connect")
+        time.sleep(0.5)  # SUBACK
         watcher.reset()
         t0 = time.perf_counter()
         pub = spawn_publisher(mqtt_url, BURST, qos, 0, f"{prefix}b")
