@@ -39,7 +39,9 @@ def owners_for(user, minimum_role: str = Role.VIEWER) -> QuerySet[Owner]:
     return qs if ids is None else qs.filter(pk__in=ids)
 
 
-def scope(qs: QuerySet[M], user, minimum_role: str = Role.VIEWER, field: str = "owner") -> QuerySet[M]:
+def scope(
+    qs: QuerySet[M], user, minimum_role: str = Role.VIEWER, field: str = "owner"
+) -> QuerySet[M]:
     """Filter a queryset of tenant rows (with an `owner` foreign key, or `field`) by `user`."""
     ids = owner_ids_for(user, minimum_role)
     if ids is None:
