@@ -193,8 +193,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     else:
         user = cfg.get("USER") or ""
         auth = f"{user}:{cfg.get('PASSWORD')}@" if cfg.get("PASSWORD") else f"{user}@"
-        env["DATABASE_URL"] = (
-            f"postgres://{auth}{cfg.get('HOST') or '127.0.0.1'}:{cfg.get('PORT') or 5432}/{cfg['NAME']}"
-        )
+        host, port = cfg.get("HOST") or "127.0.0.1", cfg.get("PORT") or 5432
+        env["DATABASE_URL"] = f"postgres://{auth}{host}:{port}/{cfg['NAME']}"
     env.update(extra)
     return env
