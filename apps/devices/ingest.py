@@ -573,41 +573,46 @@ def _transition_event(t: Transition, device: Device) -> DeviceEvent:
     )
 
 
-def mark_silent_devices_offline(now: datetime | None = None) -> int:
+def mark_silent_devices_offline(now: datetime | None = None) -> BatchResult:
     """The inactivity timeout: online devices silent for too long become offline.
 
     Each device is switched with a conditional UPDATE, so concurrent sweepers (several
-    listener copies) record one transition per change.
+    listener copies) record one transition per change. The result carries the switched
+    devices and their events for the live pages, like a batch's.
     """
     from django.utils import timezone
 
     now = now or timezone.now()
     factor = settings.DEVICE_OFFLINE_FACTOR
+    # last_seen_at is written lazily (SOFT_WRITE_INTERVAL): never time out faster than that.
+    floor = 2 * SOFT_WRITE_INTERVAL.total_seconds()
     candidates = Device.objects.filter(
         connection=Connection.ONLINE, last_seen_at__isnull=False
-    ).values_list("pk", "owner_id", "last_seen_at", "expected_interval")
-    switched = 0
-    for pk, owner_id, last_seen, interval in candidates:
-        cutoff = now - timedelta(seconds=interval * factor)
+    ).values_list("pk", "last_seen_at", "expected_interval")
+    result = BatchResult()
+    for pk, last_seen, interval in candidates:
+        cutoff = now - timedelta(seconds=max(interval * factor, floor))
         if last_seen > cutoff:
             continue
         with transaction.atomic():
             updated = Device.objects.filter(
                 pk=pk, connection=Connection.ONLINE, last_seen_at__lte=cutoff
             ).update(connection=Connection.OFFLINE, connection_changed_at=now)
-            if updated:
-                t = Transition.objects.create(
-                    owner_id=owner_id,
-                    device_id=pk,
-                    kind=TransitionKind.CONNECTION,
-                    old=Connection.ONLINE,
-                    new=Connection.OFFLINE,
-                    cause="timeout",
-                    at=now,
-                )
-                device = Device.objects.get(pk=pk)
-                events = [_transition_event(t, device)]
-                write_outbox(events)
-                commands.after_ingest(events)
-                switched += 1
-    return switched
+            if not updated:
+                continue  # it spoke meanwhile, or another sweeper took it
+            device = Device.objects.get(pk=pk)
+            t = Transition.objects.create(
+                owner_id=device.owner_id,
+                device_id=pk,
+                kind=TransitionKind.CONNECTION,
+                old=Connection.ONLINE,
+                new=Connection.OFFLINE,
+                cause="timeout",
+                at=now,
+            )
+            events = [_transition_event(t, device)]
+            write_outbox(events)
+            commands.after_ingest(events)
+        result.changed_devices.append(device)
+        result.events += events
+    return result

@@ -213,6 +213,9 @@ class Listener:
         self.stats.stored += result.stored
         self.stats.quarantined += result.quarantined
         self.stats.duplicates += result.duplicates
+        self._publish(result)
+
+    def _publish(self, result: BatchResult) -> None:
         if self.publisher is not None and (result.changed_devices or result.events):
             try:
                 self.publisher.publish(result.changed_devices, result.events)
@@ -248,9 +251,11 @@ class Listener:
             if now - last_sweep >= self.sweep_every:
                 last_sweep = now
                 try:
-                    mark_silent_devices_offline()
+                    swept = mark_silent_devices_offline()
                 except db.Error:
                     log.exception("event=sweep_failed")
+                else:
+                    self._publish(swept)
             if now - last_log >= 30:
                 last_log = now
                 log.info("event=stats %s queue=%d", self._stats_line(), self._queue.qsize())

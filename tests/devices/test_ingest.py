@@ -316,8 +316,10 @@ def test_inactivity_timeout_marks_silent_devices_offline_once(alice_lamp, alice_
         msg("home/alice-lamp-1/status", {"power": "ON"}, at=long_ago),
         msg("iot/alice-meter-1/telemetry", reading(1)),
     )
-    assert mark_silent_devices_offline() == 1
-    assert mark_silent_devices_offline() == 0  # a second sweeper finds nothing to do
+    swept = mark_silent_devices_offline()
+    assert [d.pk for d in swept.changed_devices] == [alice_lamp.pk]
+    assert [(e.type, e.data["new"]) for e in swept.events] == [("connection", "offline")]
+    assert not mark_silent_devices_offline().changed_devices  # a second sweeper: nothing to do
     assert Device.objects.get(pk=alice_lamp.pk).connection == Connection.OFFLINE
     assert Device.objects.get(pk=alice_meter.pk).connection == Connection.ONLINE
     timeout = Transition.objects.get(device=alice_lamp, new="offline")
