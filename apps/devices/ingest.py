@@ -290,49 +290,84 @@ class _Row:
 
 
 def _insert_telemetry(rows: list[_Row]) -> int:
-    """INSERT … ON CONFLICT DO NOTHING RETURNING id, per row; sets the pk of each stored row.
+    """INSERT … ON CONFLICT DO NOTHING RETURNING; sets the pk of each stored row.
 
     A (device, boot, seq) the table already holds is skipped by the database, which makes a
-    redelivered meter message a no-op whichever listener copy receives it. On PostgreSQL the
-    rows go as one pipelined executemany (one short statement, parsed once); SQLite runs
-    in-process, where a loop of cached statements is just as fast.
+    redelivered meter message a no-op whichever listener copy receives it.
+
+    PostgreSQL: one statement for the whole batch, its columns passed as nine arrays
+    (`unnest`), so the query text stays short whatever the batch size and psycopg adapts the
+    values in C. Rows come back in insertion order (as Django's bulk_create also relies on);
+    sequenced rows are matched by their key, the others by that order. SQLite runs in-process,
+    where a loop of one cached statement is just as fast and needs no matching.
     """
     if not rows:
         return 0
     meta = Telemetry._meta
     names = ["owner", "device", "kind", "ts", "received_at", "seq", "boot", "topic", "data"]
     qn = connection.ops.quote_name
+    table = qn(meta.db_table)
     columns = ", ".join(qn(meta.get_field(n).column) for n in names)
-    # Identifiers come from the model's meta (quoted); every value is bound.
-    sql = (
-        f"INSERT INTO {qn(meta.db_table)} ({columns}) "  # noqa: S608
-        f"VALUES ({', '.join(['%s'] * len(names))}) ON CONFLICT DO NOTHING RETURNING {qn('id')}"
-    )
-    params = [
-        (
-            r.owner_id,
-            r.device_id,
-            r.kind,
-            r.ts,
-            r.received_at,
-            r.seq,
-            r.boot,
-            r.topic,
-            orjson.dumps(r.data).decode(),
-        )
-        for r in rows
-    ]
+    payloads = [orjson.dumps(r.data).decode() for r in rows]
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            raw = cursor.cursor  # psycopg's own cursor: executemany can return every row's result
-            raw.executemany(sql, params, returning=True)
+            types = [
+                "bigint",
+                "bigint",
+                "text",
+                "timestamptz",
+                "timestamptz",
+                "bigint",
+                "text",
+                "text",
+                "jsonb",
+            ]
+            arrays = ", ".join(f"%s::{t}[]" for t in types)
+            # Identifiers come from the model's meta (quoted); every value is bound.
+            cursor.execute(
+                f"INSERT INTO {table} ({columns}) SELECT * FROM unnest({arrays}) "  # noqa: S608
+                f"ON CONFLICT DO NOTHING RETURNING {qn('id')}, {qn('device_id')}, "
+                f"{qn('boot')}, {qn('seq')}",
+                [
+                    [r.owner_id for r in rows],
+                    [r.device_id for r in rows],
+                    [r.kind for r in rows],
+                    [r.ts for r in rows],
+                    [r.received_at for r in rows],
+                    [r.seq for r in rows],
+                    [r.boot for r in rows],
+                    [r.topic for r in rows],
+                    payloads,
+                ],
+            )
+            returned = cursor.fetchall()
+            by_key = {(d, b, q): pk for pk, d, b, q in returned if q is not None}
+            unsequenced = iter([pk for pk, _, _, q in returned if q is None])
             for row in rows:
-                found = raw.fetchone()
-                row.pk = found[0] if found else None
-                raw.nextset()
+                if row.seq is None:
+                    row.pk = next(unsequenced)
+                else:  # pop: a key twice in one batch was stored once, for its first row
+                    row.pk = by_key.pop((row.device_id, row.boot, row.seq), None)
         else:
-            for row, values in zip(rows, params, strict=True):
-                cursor.execute(sql, values)
+            sql = (
+                f"INSERT INTO {table} ({columns}) VALUES ({', '.join(['%s'] * len(names))}) "  # noqa: S608
+                f"ON CONFLICT DO NOTHING RETURNING {qn('id')}"
+            )
+            for row, payload in zip(rows, payloads, strict=True):
+                cursor.execute(
+                    sql,
+                    (
+                        row.owner_id,
+                        row.device_id,
+                        row.kind,
+                        row.ts,
+                        row.received_at,
+                        row.seq,
+                        row.boot,
+                        row.topic,
+                        payload,
+                    ),
+                )
                 found = cursor.fetchone()
                 row.pk = found[0] if found else None
     return sum(1 for r in rows if r.pk is not None)
