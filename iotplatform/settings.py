@@ -197,6 +197,12 @@ if MQTT_PROTOCOL not in ("5", "3.1.1"):
 MQTT_SHARED_GROUP = env.str("MQTT_SHARED_GROUP", default="")  # "" = plain subscription
 MQTT_CLIENT_ID_PREFIX = env.str("MQTT_CLIENT_ID_PREFIX", default="iotplatform")
 MQTT_MAX_PAYLOAD = env.int("MQTT_MAX_PAYLOAD", default=64 * 1024)
+# Per-device broker credentials (apps.devices.broker): the Mosquitto dynamic-security admin's
+# login. Without a password, credentials live in the database only (the embedded broker has no
+# ACLs). The address defaults to MQTT_URL's host and port.
+MQTT_ADMIN_URL = env.str("MQTT_ADMIN_URL", default="")
+MQTT_ADMIN_USERNAME = env.str("MQTT_ADMIN_USERNAME", default="dynsec-admin")
+MQTT_ADMIN_PASSWORD = env.str("MQTT_ADMIN_PASSWORD", default="")
 INGEST_BATCH_SIZE = env.int("INGEST_BATCH_SIZE", default=500)
 INGEST_BATCH_MS = env.int("INGEST_BATCH_MS", default=50)
 # A device is offline after OFFLINE_FACTOR x its expected interval without any message.
