@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import timedelta
 
-from django.db.models import Count, Min, Q, Sum
+from django.db.models import Count, Min, Q, QuerySet, Sum
 from django.utils import timezone
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -95,14 +95,21 @@ def delivery_metrics() -> Iterator[Metric]:
         labels=["kind", "quantile"],
     )
     for kind in kinds:
-        durations = sorted(
-            Attempt.objects.filter(
+        if kind == "database":  # logs its written batches, not an attempt per row
+            from .database.models import BatchOutcome, DatabaseBatch
+
+            recent: QuerySet = DatabaseBatch.objects.filter(
+                started_at__gte=now - LATENCY_WINDOW,
+                outcome__in=[BatchOutcome.WRITTEN, BatchOutcome.PARTIAL],
+            )
+        else:
+            recent = Attempt.objects.filter(
                 started_at__gte=now - LATENCY_WINDOW,
                 outcome=Outcome.DELIVERED,
                 destination__kind=kind,
             )
-            .order_by("-id")
-            .values_list("duration_ms", flat=True)[:LATENCY_SAMPLE]
+        durations = sorted(
+            recent.order_by("-id").values_list("duration_ms", flat=True)[:LATENCY_SAMPLE]
         )
         for q in (0.5, 0.95, 0.99):
             value = percentile(durations, q * 100)

@@ -116,7 +116,9 @@ class DatabaseDestination(Destination):
     )
     flush_interval_ms = models.PositiveIntegerField(
         "flush interval (ms)",
-        default=250,
+        # Short: the pipeline already gathers what became due between its looks (every 0.1 s),
+        # so a long wait buys few extra rows per statement and costs every row its latency.
+        default=100,
         validators=[MaxValueValidator(MAX_FLUSH_MS)],
         help_text="How long a partial batch waits for more rows before it is written.",
     )
