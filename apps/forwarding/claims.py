@@ -226,40 +226,40 @@ _UPDATE_CHUNK = 500
 def _update_leased(ids: list[int], token: str, values: dict[str, Any]) -> list[int]:
     """Set the outcome of rows still leased by `token`; returns the ids that were.
 
-    One UPDATE … RETURNING per chunk, with the lease condition in its WHERE clause: a row that
-    was reclaimed meanwhile (someone else's now) is simply not matched.
+    One UPDATE … RETURNING with the lease condition in its WHERE clause: a row that was
+    reclaimed meanwhile (someone else's now) is simply not matched. On PostgreSQL the ids go as
+    one array parameter, so the statement text (and the driver's parse of it) never changes.
     """
     table = _table()
+    delivered_at, next_at = values.get("delivered_at"), values.get("next_attempt_at")
+    head = [
+        values["status"],
+        values["last_status_code"],
+        values["last_error"],
+        None if delivered_at is None else _db_time(delivered_at),
+        None if next_at is None else _db_time(next_at),
+    ]
+    setter = f"""
+        UPDATE {table}
+        SET status = %s, last_status_code = %s, last_error = %s, lease_token = NULL,
+            lease_expires_at = NULL, delivered_at = COALESCE(%s, delivered_at),
+            next_attempt_at = COALESCE(%s, next_attempt_at)
+    """  # noqa: S608 - table name from model meta, values bound
     done: list[int] = []
-    for start in range(0, len(ids), _UPDATE_CHUNK):
-        chunk = ids[start : start + _UPDATE_CHUNK]
+    with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            # One array parameter: psycopg re-parses a query of hundreds of placeholders on
-            # every call, which cost more CPU than the update itself.
-            match, id_params = "id = ANY(%s)", [chunk]
-        else:
-            match, id_params = f"id IN ({', '.join(['%s'] * len(chunk))})", chunk
-        sql = f"""
-            UPDATE {table}
-            SET status = %s, last_status_code = %s, last_error = %s, lease_token = NULL,
-                lease_expires_at = NULL, delivered_at = COALESCE(%s, delivered_at),
-                next_attempt_at = COALESCE(%s, next_attempt_at)
-            WHERE {match} AND lease_token = %s AND status = %s
-            RETURNING id
-        """  # noqa: S608 - table name from model meta, values bound
-        delivered_at, next_at = values.get("delivered_at"), values.get("next_attempt_at")
-        params = [
-            values["status"],
-            values["last_status_code"],
-            values["last_error"],
-            None if delivered_at is None else _db_time(delivered_at),
-            None if next_at is None else _db_time(next_at),
-            *id_params,
-            token,
-            Status.SENDING,
-        ]
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
+            cursor.execute(
+                setter + "WHERE id = ANY(%s) AND lease_token = %s AND status = %s RETURNING id",
+                [*head, ids, token, Status.SENDING],
+            )
+            return [row[0] for row in cursor.fetchall()]
+        for start in range(0, len(ids), _UPDATE_CHUNK):
+            chunk = ids[start : start + _UPDATE_CHUNK]
+            marks = ", ".join(["%s"] * len(chunk))
+            cursor.execute(
+                setter + f"WHERE id IN ({marks}) AND lease_token = %s AND status = %s RETURNING id",
+                [*head, *chunk, token, Status.SENDING],
+            )
             done.extend(row[0] for row in cursor.fetchall())
     return done
 
@@ -327,33 +327,46 @@ _ATTEMPT_COLUMNS = (
 )
 
 
+_UNNEST_TYPES = (
+    "%s::bigint[], %s::bigint[], %s::bigint[], %s::smallint[], %s::timestamptz[], "
+    "%s::integer[], %s::text[], %s::smallint[], %s::text[], %s::text[]"
+)
+
+
 def _insert_attempts(results: list[Result]) -> None:
-    """The attempt log, as multi-row INSERTs: the ORM's bulk_create spends more CPU building
-    objects and SQL than the database spends storing them, at thousands of rows a second."""
+    """The attempt log in one statement of constant text (arrays on PostgreSQL): the ORM's
+    bulk_create spends more CPU building objects and SQL than the database spends storing
+    them, at thousands of rows a second."""
     if not results:
         return
     table = connection.ops.quote_name(Attempt._meta.db_table)
     columns = ", ".join(connection.ops.quote_name(c) for c in _ATTEMPT_COLUMNS)
-    row_marks = "(" + ", ".join(["%s"] * len(_ATTEMPT_COLUMNS)) + ")"
+    marks = ", ".join(["%s"] * len(_ATTEMPT_COLUMNS))
+    rows = [
+        (
+            r.owner_id,
+            r.destination_id,
+            r.delivery_id,
+            r.attempt,
+            _db_time(r.started_at),
+            r.duration_ms,
+            r.outcome,
+            r.status_code,
+            r.error[:ERROR_MAX],
+            r.response[:512],
+        )
+        for r in results
+    ]
     with connection.cursor() as cursor:
-        for start in range(0, len(results), _UPDATE_CHUNK):
-            chunk = results[start : start + _UPDATE_CHUNK]
-            params: list[Any] = []
-            for r in chunk:
-                params += [
-                    r.owner_id,
-                    r.destination_id,
-                    r.delivery_id,
-                    r.attempt,
-                    _db_time(r.started_at),
-                    r.duration_ms,
-                    r.outcome,
-                    r.status_code,
-                    r.error[:ERROR_MAX],
-                    r.response[:512],
-                ]
-            marks = ", ".join([row_marks] * len(chunk))
-            cursor.execute(f"INSERT INTO {table} ({columns}) VALUES {marks}", params)  # noqa: S608
+        if connection.vendor == "postgresql":
+            # One statement of ten array parameters, whatever the number of rows.
+            arrays = [list(column) for column in zip(*rows, strict=True)]
+            cursor.execute(
+                f"INSERT INTO {table} ({columns}) SELECT * FROM unnest({_UNNEST_TYPES})",  # noqa: S608
+                arrays,
+            )
+        else:
+            cursor.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)  # noqa: S608
 
 
 def _update_destinations(kept: list[Result], now: datetime, summary: Recorded) -> None:

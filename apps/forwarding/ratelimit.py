@@ -18,11 +18,9 @@ def take(scope: str, wanted: int, limit: int, now: float | None = None) -> int:
         return 0
     window = int(now if now is not None else time.time())
     key = f"forwarding:rate:{scope}:{window}"
-    cache.add(key, 0, timeout=3)
     try:
-        after = cache.incr(key, wanted)
-    except ValueError:  # expired between add and incr: start the window again
-        cache.set(key, wanted, timeout=3)
-        after = wanted
+        after = cache.incr(key, wanted)  # one round trip on the usual path
+    except ValueError:  # first use of this window (or another worker opens it meanwhile)
+        after = wanted if cache.add(key, wanted, timeout=3) else cache.incr(key, wanted)
     before = after - wanted
     return max(0, min(wanted, limit - before))

@@ -50,6 +50,7 @@ STEADY_RATE = 1000
 STEADY_SECONDS = 5 if SMALL else 20
 DEVICES = 100 if SMALL else 1000
 WORKERS = int(os.environ.get("BENCH_WORKERS", "2"))  # Celery prefork processes
+IN_FLIGHT = int(os.environ.get("BENCH_IN_FLIGHT", "64"))  # the destination's concurrent requests
 REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379")
 SECRET = "whsec_" + "YmVuY2gtc2VjcmV0LWJlbmNoLXNlY3JldC0xMjM0"  # fixed: the receiver verifies
 HERE = Path(__file__).resolve().parent
@@ -155,7 +156,7 @@ def setup(env: dict[str, str], receiver_port: int, prefixes: list[str]) -> None:
         f" topic=f'{{p}}-{{i}}', profile='meter-v2', expected_interval=3600)"
         f" for i in range({DEVICES})])\n"
         f"WebhookDestination.objects.create(owner=o, name='bench', secret={SECRET!r},"
-        f" url='http://127.0.0.1:{receiver_port}/hook', max_in_flight=64,"
+        f" url='http://127.0.0.1:{receiver_port}/hook', max_in_flight={IN_FLIGHT},"
         " event_types=['telemetry'])\n",
     )
 
