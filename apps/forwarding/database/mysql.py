@@ -207,6 +207,8 @@ def _setup(conn: Connection) -> None:
     with conn.cursor() as cur:
         cur.execute("SET time_zone = '+00:00'")
         cur.execute("SET SESSION innodb_lock_wait_timeout = %s", (LOCK_TIMEOUT,))
+        # Table (metadata) locks too: LOCK TABLES elsewhere must not hold a batch for a year.
+        cur.execute("SET SESSION lock_wait_timeout = %s", (LOCK_TIMEOUT,))
         if mariadb:
             cur.execute("SET SESSION max_statement_time = %s", (STATEMENT_TIMEOUT,))
     conn.commit()
