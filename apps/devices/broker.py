@@ -110,8 +110,8 @@ def device_acls(device: Device) -> list[dict[str, Any]]:
     acls = [acl("publishClientSend", t, True) for t in publish]
     for t in subscribe:
         acls += [acl("subscribePattern", t, True), acl("publishClientReceive", t, True)]
-    # `#` does not match `$SYS/…` or `$CONTROL/…`: those fall to the broker defaults, which
-    # deny publishing and subscribing (a device can never reach the dynsec control topic).
+    # Whether `#` covers `$SYS/…` and `$CONTROL/…` differs between Mosquitto's checks; either
+    # way those are denied, here or by the broker's defaults (tests/devices/test_broker_acls.py).
     acls += [
         acl("publishClientSend", "#", False),
         acl("publishClientReceive", "#", False),
@@ -183,7 +183,7 @@ class DynsecAdmin:
         self._lost: str | None = None
 
     @classmethod
-    def from_settings(cls, timeout: float = TIMEOUT) -> DynsecAdmin:
+    def from_settings(cls, timeout: float | None = None) -> DynsecAdmin:
         if not settings.MQTT_ADMIN_PASSWORD:
             raise BrokerNotConfigured(
                 "broker provisioning is off: set MQTT_ADMIN_PASSWORD (and MQTT_ADMIN_USERNAME, "
@@ -204,7 +204,7 @@ class DynsecAdmin:
             settings.MQTT_ADMIN_USERNAME,
             settings.MQTT_ADMIN_PASSWORD,
             tls=params["tls"],
-            timeout=timeout,
+            timeout=timeout or TIMEOUT,
         )
 
     @property
@@ -236,7 +236,7 @@ class DynsecAdmin:
         self._client = client
         client.loop_start()
         try:
-            self._wait(lambda: self._connack is not None, "the broker's answer to the admin login")
+            self._wait(lambda: self._connack is not None, "answer to the admin login")
             assert self._connack is not None
             if self._connack.is_failure:
                 raise BrokerError(
@@ -244,7 +244,7 @@ class DynsecAdmin:
                     f"{self._connack}"
                 )
             client.subscribe(RESPONSE_TOPIC, qos=1)
-            self._wait(lambda: self._suback is not None, "the subscription to dynsec answers")
+            self._wait(lambda: self._suback is not None, "answer to the subscription")
             if any(rc.is_failure for rc in self._suback or []):
                 raise BrokerError(
                     f"{self.username!r} may not read {RESPONSE_TOPIC}: "
@@ -275,7 +275,7 @@ class DynsecAdmin:
         # answer proves the plugin took the commands.
         self._wait(
             lambda: all(i in self._answers for i in ids),
-            f"an answer from the dynamic-security plugin on {CONTROL_TOPIC} (is the plugin "
+            f"answer from the dynamic-security plugin on {CONTROL_TOPIC} (is the plugin "
             f"loaded, and is {self.username!r} its admin?)",
         )
         with self._cond:
@@ -411,7 +411,8 @@ def plan(admin: DynsecAdmin, username: str, desired: Desired | None) -> list[Ste
     password = desired.password.reveal() if desired.password is not None else None
     if client is None:
         if password is None:
-            steps.append(Step(f"would create client {username} with a new password", {}))
+            # A dry run of a password not generated yet: the step is shown, never sent.
+            steps.append(Step(f"created client {username}", {}))
         else:
             steps.append(
                 Step(
@@ -442,10 +443,8 @@ def plan(admin: DynsecAdmin, username: str, desired: Desired | None) -> list[Ste
     if change:
         what = what or ["description"]
         text = f"updated {', '.join(what)} of client {username} (disconnected)"
-        if password is None:  # a dry run of a password not generated yet: shown, never sent
-            steps.append(Step(f"would have {text.removeprefix('updated ')}", {}))
-        else:
-            steps.append(Step(text, {"command": "modifyClient", "username": username, **change}))
+        command = {"command": "modifyClient", "username": username, **change}
+        steps.append(Step(text, command if password is not None else {}))
     if client.get("disabled"):
         steps.append(
             Step(f"enabled client {username}", {"command": "enableClient", "username": username})

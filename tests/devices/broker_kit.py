@@ -227,8 +227,6 @@ class Peer:
             CallbackAPIVersion.VERSION2, client_id=unique(username), protocol=mqtt.MQTTv5
         )
         client.username_pw_set(username, password)
-        # A kicked client must stay out: the tests look at the next login explicitly.
-        client.reconnect_delay_set(min_delay=120, max_delay=120)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
@@ -275,6 +273,9 @@ class Peer:
             self._cond.notify_all()
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        # No automatic reconnect: a kicked client must stay out, tests log in again explicitly.
+        # (Marks the session as ending, which also lets loop_stop return at once.)
+        client.disconnect()
         with self._cond:
             self.disconnects.append(str(rc))
             self._cond.notify_all()

@@ -113,8 +113,8 @@ class Command(BaseCommand):
         except (CredentialRefused, BrokerError) as exc:
             self.stderr.write(f"{device.device_id}: refused: {exc}")
             return 1
-        would = "; ".join(s.text for s in steps) or "already up to date"
-        self.stdout.write(f"{device.device_id}: {change}; broker: {would} (dry run)")
+        would = ", ".join(s.text for s in steps) or "already up to date"
+        self.stdout.write(f"{device.device_id}: {change}; broker, not done (dry run): {would}")
         return 0
 
     def _prune(self, admin: DynsecAdmin, dry_run: bool) -> int:
@@ -123,9 +123,9 @@ class Command(BaseCommand):
         except BrokerError as exc:
             self.stderr.write(f"removing orphaned broker logins failed: {exc}")
             return 1
-        suffix = " (dry run)" if dry_run else ""
+        prefix = "broker, not done (dry run)" if dry_run else "broker"
         for text in done:
-            self.stdout.write(f"broker: {text}{suffix}")
+            self.stdout.write(f"{prefix}: {text}")
         return 0
 
     def _write_secret(self, device: Device, path: str) -> None:

@@ -1,0 +1,190 @@
+"""Issue, rotate, revoke and re-sync devices' broker logins against a real Mosquitto (dynsec)."""
+
+from __future__ import annotations
+
+import pytest
+
+from apps.devices.credentials import (
+    issue_credential,
+    revoke_credential,
+    rotate_credential,
+    sync_credential,
+)
+from apps.devices.models import Device, DeviceCredential, Profile
+from apps.owners.models import Owner
+from tests.devices.broker_kit import unique
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def lamp(owner: Owner) -> Device:
+    return Device.objects.create(owner=owner, device_id=unique("lamp"), profile=Profile.ESP32_LAMP)
+
+
+def password_of(device: Device) -> str:
+    return DeviceCredential.objects.get(device=device).password.reveal()
+
+
+def online(peers, broker, device: Device, password: str | None = None):
+    peer = peers(broker, device.device_id, password or password_of(device))
+    assert not peer.connect().is_failure, peer.connack
+    return peer
+
+
+def test_revocation_disconnects_a_connected_device_and_keeps_it_out(
+    alice_owner, broker_settings, peers
+):
+    device = lamp(alice_owner)
+    issue_credential(device)
+    password = password_of(device)
+    peer = online(peers, broker_settings, device)
+
+    outcome = revoke_credential(device)
+
+    assert outcome.broker == "applied", outcome
+    assert peer.wait(lambda: peer.disconnects), "the broker did not disconnect the device"
+    assert peers(broker_settings, device.device_id, password).connect().is_failure
+    credential = DeviceCredential.objects.get(device=device)
+    assert credential.revoked_at is not None
+    assert not credential.password  # nothing left worth keeping
+    with broker_settings.admin() as admin:
+        assert (
+            admin.get(
+                {"command": "getRole", "rolename": f"device-{device.device_id}"}, "Role not found"
+            )
+            is None
+        )
+
+
+def test_rotation_disconnects_the_device_and_only_the_new_password_logs_in(
+    alice_owner, broker_settings, peers
+):
+    device = lamp(alice_owner)
+    issue_credential(device)
+    old = password_of(device)
+    peer = online(peers, broker_settings, device)
+
+    outcome = rotate_credential(device)
+
+    assert outcome.broker == "applied" and "password" in str(outcome), outcome
+    assert peer.wait(lambda: peer.disconnects)
+    new = password_of(device)
+    assert new != old
+    assert peers(broker_settings, device.device_id, old).connect().is_failure
+    online(peers, broker_settings, device, new)
+
+
+def test_a_revoked_login_comes_back_only_with_a_new_password(alice_owner, broker_settings, peers):
+    device = lamp(alice_owner)
+    issue_credential(device)
+    old = password_of(device)
+    revoke_credential(device)
+
+    outcome = issue_credential(device)
+
+    assert outcome.broker == "applied" and "new password" in outcome.change
+    assert password_of(device) != old
+    assert peers(broker_settings, device.device_id, old).connect().is_failure
+    online(peers, broker_settings, device)
+
+
+def test_provisioning_again_changes_nothing_and_disconnects_nobody(
+    alice_owner, broker_settings, spy, peers
+):
+    device = lamp(alice_owner)
+    issue_credential(device)
+    peer = online(peers, broker_settings, device)
+
+    again = issue_credential(device)
+    synced = sync_credential(device)
+
+    assert (again.change, again.broker) == ("credential kept", "unchanged")
+    assert synced.broker == "unchanged"
+    peer.barrier(spy, f"home/{device.device_id}/status")  # still connected and allowed
+    assert peer.disconnects == []
+
+
+def test_a_broker_that_drifted_is_brought_back_in_line(alice_owner, broker_settings, spy, peers):
+    device = lamp(alice_owner)
+    issue_credential(device)
+    rolename = f"device-{device.device_id}"
+    with broker_settings.admin() as admin:
+        # Someone widened the role by hand: the device may now report for every lamp.
+        (answer,) = admin.run(
+            [
+                {
+                    "command": "addRoleACL",
+                    "rolename": rolename,
+                    "acltype": "publishClientSend",
+                    "topic": "home/+/status",
+                    "allow": True,
+                    "priority": 100,
+                }
+            ]
+        )
+        assert "error" not in answer, answer
+    peer = online(peers, broker_settings, device)
+
+    outcome = sync_credential(device)
+
+    assert outcome.steps == [f"updated ACLs of role {rolename}"]
+    peer.publish("home/someone-else/status", b"forged")
+    peer.barrier(spy, f"home/{device.device_id}/status")
+    assert spy.received("home/someone-else/status") == []
+    assert peer.disconnects == []  # ACL changes apply live, without a reconnect
+
+    with broker_settings.admin() as admin:
+        admin.run([{"command": "deleteClient", "username": device.device_id}])
+    assert sync_credential(device).steps == [f"created client {device.device_id}"]
+    online(peers, broker_settings, device)
+
+
+def test_a_name_taken_by_a_client_the_platform_did_not_create_is_left_alone(
+    alice_owner, broker_settings, peers
+):
+    name = unique("legacy")
+    with broker_settings.admin() as admin:
+        admin.run([{"command": "createClient", "username": name, "password": "theirs"}])
+    device = Device.objects.create(owner=alice_owner, device_id=name, profile=Profile.ESP32_LAMP)
+
+    issued = issue_credential(device)
+    revoked = revoke_credential(device)
+
+    for outcome in (issued, revoked):
+        assert outcome.failed and "did not create" in outcome.error, outcome
+    assert not peers(broker_settings, name, "theirs").connect().is_failure
+
+
+def test_an_unreachable_broker_is_reported_and_the_next_sync_repairs_it(
+    alice_owner, broker_settings, settings, peers, caplog
+):
+    device = lamp(alice_owner)
+    settings.MQTT_ADMIN_URL = "mqtt://127.0.0.1:9"  # discard port: refused at once
+
+    outcome = issue_credential(device)
+
+    assert outcome.failed
+    assert "cannot reach the broker at mqtt://127.0.0.1:9" in outcome.error
+    assert f"provision_broker --device {device.device_id}" in caplog.text
+    assert DeviceCredential.objects.filter(device=device).exists()  # the database went first
+
+    settings.MQTT_ADMIN_URL = broker_settings.url
+    assert sync_credential(device).broker == "applied"
+    online(peers, broker_settings, device)
+
+
+def test_a_wrong_admin_login_or_a_non_admin_is_a_clear_error(
+    alice_owner, broker_settings, settings, monkeypatch
+):
+    monkeypatch.setattr("apps.devices.broker.TIMEOUT", 1.0)
+    device = lamp(alice_owner)
+    settings.MQTT_ADMIN_PASSWORD = "not-the-password"
+    outcome = issue_credential(device)
+    assert "refused the login of 'dynsec-admin'" in outcome.error
+
+    # The platform's own client is not the dynsec admin: its commands go unanswered.
+    settings.MQTT_ADMIN_USERNAME = "platform-spy"
+    settings.MQTT_ADMIN_PASSWORD = broker_settings.spy_password
+    outcome = sync_credential(device)
+    assert "no answer from the dynamic-security plugin" in outcome.error
+    assert "is 'platform-spy' its admin?" in outcome.error
