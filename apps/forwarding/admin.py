@@ -14,7 +14,8 @@ from typing import Any
 import orjson
 from django.contrib import admin, messages
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import render
 from django.urls import NoReverseMatch, path, reverse
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
@@ -27,7 +28,7 @@ from unfold.decorators import display
 from apps.owners.admin_mixins import OwnerScopedAdminMixin, OwnerScopedRelatedFilter
 from apps.owners.admin_tabs import OwnerTab, register_owner_tab
 from apps.owners.models import Owner, Role
-from apps.owners.scoping import has_role, scope
+from apps.owners.scoping import has_role, owners_for, scope
 
 from . import actions, stats
 from .database import admin as _database_admin  # registers DatabaseDestinationAdmin
@@ -167,8 +168,20 @@ class DeliveryAdmin(OwnerScopedAdminMixin, ReadOnlyMixin, ModelAdmin):
                 self.admin_site.admin_view(require_POST(self.replay_view)),
                 name=f"{name}_replay",
             ),
+            path(
+                "owner/<int:owner_id>/tab/",
+                self.admin_site.admin_view(self.owner_tab_view),
+                name=f"{name}_owner_tab",
+            ),
             *super().get_urls(),
         ]
+
+    def owner_tab_view(self, request: HttpRequest, owner_id: int) -> HttpResponse:
+        """The Data Delivery tab alone: the tab polls it to keep its figures live."""
+        owner = owners_for(request.user).filter(pk=owner_id).first()
+        if owner is None:
+            raise Http404("No such owner")
+        return render(request, "forwarding/owner_tab.html", owner_delivery_context(request, owner))
 
     def replay_view(self, request: HttpRequest) -> HttpResponse:
         """Replay from buttons: `id` (repeatable), or `destination` with `since`/`until`."""

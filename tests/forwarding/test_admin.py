@@ -179,3 +179,12 @@ def test_charlie_sees_and_changes_nothing_of_alices(client, charlie, world, alic
     assert Delivery.objects.get(pk=dead.pk).status == Status.FAILED
     hook = Destination.objects.get(pk=world.pk)
     assert hook.enabled and hook.last_test_at is None
+
+
+def test_the_tab_refreshes_itself_for_members_only(client, alice, charlie, world, alice_owner):
+    url = reverse("admin:forwarding_delivery_owner_tab", args=[alice_owner.pk])
+    client.force_login(alice)
+    html = client.get(url).content.decode()
+    assert 'id="delivery-tab"' in html and "Alice&#x27;s lake" in html
+    client.force_login(charlie)
+    assert client.get(url).status_code == 404
