@@ -139,7 +139,7 @@ def _failing_login_destination(target_db, alice_owner, proxy):
     else:
         # Loopback is `trust` on this machine's PostgreSQL: no password is ever checked, so the
         # login is refused the way a deleted account is (the owner sees the same text).
-        fields = {"username": "no_such_role", "password": "whatever"}
+        fields = {"username": "no_such_role", "password": "wrong-password"}
     return make_db_destination(
         alice_owner,
         target_db,
@@ -152,8 +152,9 @@ def _failing_login_destination(target_db, alice_owner, proxy):
 
 
 def test_a_refused_login_puts_the_destination_in_error_without_a_retry_storm(
-    target_db, alice_owner, alice_meter
+    target_db, alice_owner, alice_meter, caplog
 ) -> None:
+    caplog.set_level("DEBUG")
     create_readings(target_db)
     proxy = Proxy(target_db.host, target_db.port)  # counts connection attempts
     try:
@@ -194,7 +195,9 @@ def test_a_refused_login_puts_the_destination_in_error_without_a_retry_storm(
     assert all(b.outcome == BatchOutcome.ERROR for b in probes)
     assert not Delivery.objects.filter(destination=destination, status=Status.FAILED).exists()
     assert Delivery.objects.filter(destination=destination, status=Status.PENDING).count() > 400
+    # The password never travels further than the connect call.
     assert "wrong-password" not in str(Attempt.objects.values_list("error", flat=True))
+    assert caplog.records and "wrong-password" not in caplog.text
 
 
 def test_a_missing_table_is_an_error_until_it_is_created(
