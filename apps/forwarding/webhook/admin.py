@@ -28,6 +28,13 @@ from ..models import EVENT_TYPE_CHOICES
 from .models import WebhookDestination, WebhookHeader
 
 
+class TemplateField(forms.JSONField):
+    """No template shows as an empty box, not as the JSON literal `null`."""
+
+    def prepare_value(self, value: Any) -> Any:
+        return "" if value is None else super().prepare_value(value)
+
+
 class WebhookDestinationForm(forms.ModelForm):
     event_types = forms.MultipleChoiceField(
         choices=EVENT_TYPE_CHOICES,
@@ -38,6 +45,7 @@ class WebhookDestinationForm(forms.ModelForm):
 
     class Meta:
         model = WebhookDestination
+        field_classes = {"payload_template": TemplateField}
         fields = (
             "owner",
             "name",
