@@ -24,6 +24,7 @@ from apps.owners.admin_mixins import OwnerScopedAdminMixin, OwnerScopedAutocompl
 from apps.owners.admin_tabs import OwnerTab, register_owner_tab
 from apps.owners.models import Owner
 
+from .admin_credentials import BrokerLoginAdminMixin, issue_or_rotate, revoke_credentials
 from .models import (
     Command,
     CommandStatus,
@@ -184,7 +185,7 @@ SEQUENCE_FIELDS = ("boot_id", "last_seq", "seq_gaps", "seq_missing", "seq_duplic
 
 
 @admin.register(Device)
-class DeviceAdmin(OwnerScopedAdminMixin, ModelAdmin):
+class DeviceAdmin(BrokerLoginAdminMixin, OwnerScopedAdminMixin, ModelAdmin):
     list_display = (
         "device",
         "owner",
@@ -498,3 +499,6 @@ class DeviceCredentialAdmin(OwnerScopedAdminMixin, ModelAdmin):
 from .admin_commands import SWITCH_ACTIONS  # noqa: E402
 
 DeviceAdmin.actions = (*(DeviceAdmin.actions or ()), *SWITCH_ACTIONS)
+# Broker logins, for platform operators (apps.devices.admin_credentials).
+DeviceAdmin.actions = (*DeviceAdmin.actions, issue_or_rotate)
+DeviceCredentialAdmin.actions = (*(DeviceCredentialAdmin.actions or ()), revoke_credentials)
