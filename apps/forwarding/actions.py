@@ -45,7 +45,8 @@ def destination_saved(destination: Destination, *, test: bool = True) -> None:
         from .tasks import test_destination as task
 
         owner_id, pk = destination.owner_id, destination.pk
-        transaction.on_commit(lambda: task.delay(owner_id, pk))
+        # robust: a broker hiccup must not turn a saved destination into an error page.
+        transaction.on_commit(lambda: task.delay(owner_id, pk), robust=True)
 
 
 @transaction.atomic
@@ -63,7 +64,7 @@ def enable_destination(destination: Destination) -> int:
     destination.enabled = True
     destination.disabled_reason = ""
     outbox.forget_routes()
-    transaction.on_commit(_kick)
+    transaction.on_commit(_kick, robust=True)  # else the next sweep kicks
     return backlog
 
 
@@ -149,7 +150,7 @@ def replay_deliveries(deliveries: QuerySet[Delivery]) -> int:
         last_error="",
     )
     if count:
-        transaction.on_commit(_kick)
+        transaction.on_commit(_kick, robust=True)  # else the next sweep kicks
     return count
 
 

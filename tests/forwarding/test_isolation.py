@@ -76,3 +76,28 @@ def test_a_task_with_another_owners_id_does_nothing(
     assert ping.headers["webhook-id"].startswith("msg_ping_")
     hook = Destination.objects.get(pk=alice_hook.pk)
     assert hook.last_test_ok and hook.last_test_status == 200
+
+
+def test_a_secret_copied_from_another_row_fails_closed(
+    receiver, alice_owner, charlie_owner, alice_lamp, charlie_lamp
+) -> None:
+    """Ciphertext is bound to its row and owner: pasting charlie's encrypted secret into
+    alice's row does not make alice's requests signed with charlie's key — they stop, visibly,
+    and nobody else's deliveries are held up."""
+    from django.db import connection
+
+    alice_hook = make_webhook(alice_owner, receiver.url("/alice"))
+    charlie_hook = make_webhook(charlie_owner, receiver.url("/charlie"))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE forwarding_webhookdestination SET secret = "
+            "(SELECT secret FROM forwarding_webhookdestination WHERE destination_ptr_id = %s) "
+            "WHERE destination_ptr_id = %s",
+            [charlie_hook.pk, alice_hook.pk],
+        )
+    write_outbox([make_event(alice_lamp), make_event(charlie_lamp)])
+    pipeline.drain(3.0, linger=0.0)
+    assert receiver.at("/alice") == []
+    assert len(receiver.at("/charlie")) == 1
+    assert Delivery.objects.get(destination=alice_hook).status == Status.PENDING
+    assert "cannot be read" in Destination.objects.get(pk=alice_hook.pk).last_error

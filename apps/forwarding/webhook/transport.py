@@ -202,8 +202,13 @@ class WebhookTransport:
             try:
                 configs[destination.pk] = self.config(destination, margin)
             except Exception:
-                # A secret that no longer decrypts (wrong key) must not stop other owners.
+                # A secret that no longer decrypts (wrong key) must not stop other owners; the
+                # owner sees why nothing is sent, the operator gets the traceback.
                 log.exception("destination %s: cannot load its settings", destination.pk)
+                WebhookDestination.objects.filter(pk=destination.pk).update(
+                    last_error="The destination's settings cannot be read; contact support.",
+                    last_error_at=timezone.now(),
+                )
         return configs
 
     def config(self, destination: WebhookDestination, margin: float) -> TargetConfig:
