@@ -24,7 +24,12 @@ from apps.owners.admin_mixins import OwnerScopedAdminMixin, OwnerScopedAutocompl
 from apps.owners.admin_tabs import OwnerTab, register_owner_tab
 from apps.owners.models import Owner
 
-from .admin_credentials import BrokerLoginAdminMixin, issue_or_rotate, revoke_credentials
+from .admin_credentials import (
+    BrokerLoginAdminMixin,
+    SyncOnSaveAdminMixin,
+    issue_or_rotate,
+    revoke_credentials,
+)
 from .models import (
     Command,
     CommandStatus,
@@ -466,7 +471,7 @@ class QuarantinedMessageAdmin(ReadOnlyLogAdmin):
 
 
 @admin.register(DeviceCredential)
-class DeviceCredentialAdmin(OwnerScopedAdminMixin, ModelAdmin):
+class DeviceCredentialAdmin(SyncOnSaveAdminMixin, OwnerScopedAdminMixin, ModelAdmin):
     """Broker logins. Members see that one exists; only operators change it (write-only)."""
 
     list_display = ("username", "device", "owner", "created_at", "revoked_at")

@@ -1,17 +1,20 @@
 """Broker-login actions in the admin, for platform operators (superusers) only (SPEC §2, §9).
 
-Attached at the end of `apps.devices.admin`: "Issue / rotate broker credentials" on devices,
-"Revoke broker credentials" on credentials. Passwords are never shown here; an operator hands a
-login over with `manage.py provision_broker --device ID --secret-file PATH` (docs/operations.md).
+Attached in `apps.devices.admin`: "Issue / rotate broker credentials" on devices, "Revoke broker
+credentials" on credentials, and a broker sync after an operator edits a credential. Passwords
+are never shown here; an operator hands a login over with
+`manage.py provision_broker --device ID --secret-file PATH` (docs/operations.md).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from django.contrib import admin, messages
+from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
@@ -23,6 +26,7 @@ from .credentials import (
     issue_credential,
     revoke_credential,
     rotate_credential,
+    sync_credential,
 )
 from .models import Device, DeviceCredential
 
@@ -35,6 +39,26 @@ class BrokerLoginAdminMixin:
 
     def has_broker_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return request.user.is_active and request.user.is_superuser
+
+
+class SyncOnSaveAdminMixin:
+    """A credential edited in its form (password, revocation) goes to the broker after commit."""
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)  # type: ignore[misc]
+        outcome = sync_credential(obj.device)
+        # Runs after the sync (on_commit keeps order): the admin wraps the save in a transaction.
+        transaction.on_commit(partial(_report_sync, self, request, outcome))
+
+
+def _report_sync(modeladmin: Any, request: HttpRequest, outcome: Outcome) -> None:
+    if outcome.failed or outcome.broker == "skipped":
+        level = messages.ERROR if outcome.failed else messages.WARNING
+        text = f"Saved, but the broker was not updated for {outcome.device_id}: {outcome.error}"
+    else:
+        level = messages.INFO
+        text = f"Broker login of {outcome.device_id}: {', '.join(outcome.steps) or 'up to date'}."
+    modeladmin.message_user(request, text, level)
 
 
 def _run(

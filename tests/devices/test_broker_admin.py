@@ -73,3 +73,28 @@ def test_an_unreachable_broker_changes_nothing(client, admin_user, alice_lamp, s
 
     assert "Nothing changed: cannot reach the broker" in response.content.decode()
     assert not DeviceCredential.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_password_an_operator_types_in_goes_to_the_broker(
+    client, admin_user, alice_lamp, broker_settings, peers
+):
+    client.force_login(admin_user)
+    client.post(DEVICES, {"action": "issue_or_rotate", "_selected_action": [alice_lamp.pk]})
+    credential = DeviceCredential.objects.get(device=alice_lamp)
+    old = credential.password.reveal()
+    url = reverse("admin:devices_devicecredential_change", args=[credential.pk])
+    form = client.get(url).context["adminform"].form
+    data = {name: "" for name in form.fields} | {"password": "typed-by-the-operator-1"}
+    if "revoked_at" in form.fields:
+        data |= {"revoked_at_0": "", "revoked_at_1": ""}
+
+    response = client.post(url, data, follow=True)
+
+    page = response.content.decode()
+    assert "Broker login of alice-lamp-1: updated password of client alice-lamp-1" in page
+    assert "typed-by-the-operator-1" not in page
+    assert peers(broker_settings, "alice-lamp-1", old).connect().is_failure
+    assert (
+        not peers(broker_settings, "alice-lamp-1", "typed-by-the-operator-1").connect().is_failure
+    )
