@@ -27,7 +27,8 @@ pytestmark = [
 
 
 @pytest.fixture
-def publisher() -> Iterator[live.BatchPublisher]:
+def publisher(platform_env) -> Iterator[live.BatchPublisher]:  # noqa: F811
+    # After platform_env: the publisher must use the server's channel layer (Redis prefix).
     publisher = live.BatchPublisher()
     publisher.start()
     yield publisher
