@@ -12,7 +12,7 @@ from apps.forwarding.models import Delivery, Destination, Status
 from apps.forwarding.outbox import write_outbox
 from apps.forwarding.webhook.models import WebhookDestination, WebhookHeader
 
-from .conftest import deliver_due, make_event, make_webhook
+from .conftest import deliver_due, make_due_now, make_event, make_webhook
 from .receiver import Answer, signed_by
 
 
@@ -24,6 +24,13 @@ def world(receiver, alice_owner, alice_lamp):
     WebhookHeader.objects.create(destination=hook, name="Authorization", secret_value="Bearer T0P")
     write_outbox([make_event(alice_lamp, data={"voltage": 231.5}) for _ in range(3)])
     deliver_due()
+    for _ in range(3):  # a loaded machine may reset a connection: retry until settled
+        if not Delivery.objects.filter(status=Status.PENDING).exists():
+            break
+        make_due_now()
+        deliver_due()
+    hook.refresh_from_db()
+    assert (hook.delivered_count, hook.failed_count) == (2, 1)
     return hook
 
 
@@ -35,9 +42,9 @@ def test_alice_sees_figures_on_the_data_delivery_tab(client, alice, world, alice
     client.force_login(alice)
     html = client.get(owner_page(alice_owner)).content.decode()
     assert "Data Delivery" in html and "Alice&#x27;s lake" in html
-    table = html[html.index('id="delivery-destinations"') :]
-    assert "Failing since" not in table or "Enabled" in table
-    assert ">2<" in table.replace(" ", "")  # delivered
+    table = html[html.index('id="delivery-destinations"') :].replace(" ", "")
+    assert ">2<br>" in table  # delivered
+    assert "1failed" in table
     assert "bad payload" in html  # the attempt log keeps the truncated response
     assert "Replay" in html and "Test now" in html
 
