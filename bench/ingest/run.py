@@ -154,11 +154,12 @@ def raw_rate(url: str, qos: int) -> float:
 class CommitWatcher:
     """Polls the telemetry table; records when each new row became visible (commit time).
 
-    Several listener copies commit concurrently, so ids do not become visible in order: rows
-    are looked for in a window behind the highest id seen and remembered in a set.
+    Several listener copies commit concurrently, so ids do not become visible in order. The
+    watcher asks for rows above `low`, the id below which everything has been seen; a hole
+    that stays open for HOLE_SECONDS is a gap in the sequence (not a late commit) and skipped.
     """
 
-    WINDOW = 20000
+    HOLE_SECONDS = 2.0
 
     def __init__(self, database_url: str) -> None:
         import psycopg
@@ -166,25 +167,36 @@ class CommitWatcher:
         self.conn = psycopg.connect(
             database_url.replace("postgres://", "postgresql://", 1), autocommit=True
         )
-        self.high = 0
+        self.low = 0
         self.seen: set[int] = set()
+        self.hole_since: float | None = None
         self.latencies: list[float] = []
         self.count = 0
 
     def poll(self) -> int:
         now = datetime.now(UTC)
         rows = self.conn.execute(
-            "SELECT id, ts FROM devices_telemetry WHERE id > %s", (self.high - self.WINDOW,)
+            "SELECT id, ts FROM devices_telemetry WHERE id > %s", (self.low,)
         ).fetchall()
         new = 0
         for row_id, ts in rows:
             if row_id in self.seen:
                 continue
             self.seen.add(row_id)
-            self.high = max(self.high, row_id)
             self.latencies.append((now - ts).total_seconds() * 1000)
             new += 1
         self.count += new
+        while self.low + 1 in self.seen:
+            self.low += 1
+            self.seen.discard(self.low)
+        if self.seen:
+            if self.hole_since is None:
+                self.hole_since = time.perf_counter()
+            elif time.perf_counter() - self.hole_since > self.HOLE_SECONDS:
+                self.low = min(self.seen) - 1
+                self.hole_since = None
+        else:
+            self.hole_since = None
         return new
 
     def wait_for(self, total: int, timeout: float) -> float:
