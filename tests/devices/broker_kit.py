@@ -313,3 +313,16 @@ def spy(broker_settings: DynsecBroker, peers: Callable[..., Peer]) -> Peer:
     assert not peer.connect().is_failure
     assert not peer.subscribe("#")[0].is_failure
     return peer
+
+
+@pytest.fixture
+def committed(django_capture_on_commit_callbacks: Any) -> Callable[..., Any]:
+    """Runs a credential action and its after-commit broker sync, as a commit would, inside the
+    test's transaction (much cheaper than a transactional test on PostgreSQL)."""
+
+    def run(action: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        with django_capture_on_commit_callbacks(execute=True):
+            outcome = action(*args, **kwargs)
+        return outcome
+
+    return run

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -17,7 +18,7 @@ from apps.devices.models import Device, DeviceCredential, Profile
 from apps.owners.models import Owner
 from tests.devices.broker_kit import DynsecBroker, Peer, unique
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 
 @dataclass
@@ -49,11 +50,17 @@ def make_device(owner: Owner, profile: str) -> Device:
     return Device.objects.create(owner=owner, device_id=device_id, profile=profile, topic=topic)
 
 
-def provisioned(owner: Owner, profile: str) -> Device:
-    device = make_device(owner, profile)
-    outcome = issue_credential(device)
-    assert outcome.broker == "applied", outcome
-    return device
+@pytest.fixture
+def provisioned(committed: Callable[..., Any]) -> Callable[[Owner, str], Device]:
+    """Makes a device with a login in the broker."""
+
+    def make(owner: Owner, profile: str) -> Device:
+        device = make_device(owner, profile)
+        outcome = committed(issue_credential, device)
+        assert outcome.broker == "applied", outcome
+        return device
+
+    return make
 
 
 def login(peers: Callable[..., Peer], broker: DynsecBroker, device: Device) -> Peer:
@@ -68,7 +75,7 @@ PROFILES = [Profile.ESP32_LAMP, Profile.TASMOTA, Profile.METER_V2]
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_a_provisioned_device_publishes_its_topics_and_receives_its_commands(
-    profile, alice_owner, broker_settings, spy, peers
+    profile, alice_owner, broker_settings, spy, peers, provisioned
 ):
     device = provisioned(alice_owner, profile)
     mine = contract(device)
@@ -86,7 +93,7 @@ def test_a_provisioned_device_publishes_its_topics_and_receives_its_commands(
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_it_cannot_publish_on_other_devices_topics(
-    profile, alice_owner, charlie_owner, broker_settings, spy, peers
+    profile, alice_owner, charlie_owner, broker_settings, spy, peers, provisioned
 ):
     device = provisioned(alice_owner, profile)
     others = [provisioned(charlie_owner, p) for p in PROFILES] + [provisioned(alice_owner, profile)]
@@ -119,7 +126,7 @@ def test_it_cannot_publish_on_other_devices_topics(
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_it_cannot_subscribe_to_other_devices_commands_or_wildcards(
-    profile, alice_owner, broker_settings, spy, peers
+    profile, alice_owner, broker_settings, spy, peers, provisioned
 ):
     device = provisioned(alice_owner, profile)
     other = provisioned(alice_owner, profile)
@@ -140,7 +147,9 @@ def test_it_cannot_subscribe_to_other_devices_commands_or_wildcards(
     assert [(t, p) for t, p in peer.messages if p == b"not for you"] == []
 
 
-def test_a_wrong_password_or_an_unknown_user_is_refused(alice_owner, broker_settings, peers):
+def test_a_wrong_password_or_an_unknown_user_is_refused(
+    alice_owner, broker_settings, peers, provisioned
+):
     device = provisioned(alice_owner, Profile.ESP32_LAMP)
     password = DeviceCredential.objects.get(device=device).password.reveal()
 

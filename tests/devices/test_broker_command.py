@@ -16,7 +16,8 @@ from apps.devices.models import Device, DeviceCredential, Profile
 from apps.owners.models import Owner
 from tests.devices.broker_kit import unique
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# Transactional: the command prints each outcome after its commit, when the broker was told.
+COMMITTING = pytest.mark.django_db(transaction=True)
 
 
 def provision(*args: str) -> tuple[str, str]:
@@ -35,6 +36,7 @@ def password_of(d: Device) -> str:
     return DeviceCredential.objects.get(device=d).password.reveal()
 
 
+@COMMITTING
 def test_it_provisions_devices_and_says_what_it_did(alice_owner, broker_settings, peers):
     a, b = device(alice_owner), device(alice_owner, Profile.METER_V2)
 
@@ -49,6 +51,7 @@ def test_it_provisions_devices_and_says_what_it_did(alice_owner, broker_settings
     assert again.strip() == f"{a.device_id}: credential kept; broker: already up to date"
 
 
+@COMMITTING
 def test_all_issues_missing_logins_and_removes_orphaned_ones(
     alice_owner, charlie_owner, broker_settings, peers
 ):
@@ -70,6 +73,7 @@ def test_all_issues_missing_logins_and_removes_orphaned_ones(
     assert peers(broker_settings, gone.device_id, gone_password).connect().is_failure
 
 
+@COMMITTING
 def test_a_dry_run_changes_nothing(alice_owner, broker_settings, peers):
     fresh, active = device(alice_owner), device(alice_owner)
     issue_credential(active)
@@ -96,6 +100,7 @@ def test_a_dry_run_changes_nothing(alice_owner, broker_settings, peers):
     assert peer.disconnects == []
 
 
+@COMMITTING
 def test_no_password_ever_reaches_the_output_or_any_log(alice_owner, broker_settings, caplog):
     caplog.set_level(logging.DEBUG)
     d = device(alice_owner, Profile.TASMOTA, topic=unique("Plug"))
@@ -116,6 +121,7 @@ def test_no_password_ever_reaches_the_output_or_any_log(alice_owner, broker_sett
         assert password not in text  # …the passwords are not
 
 
+@pytest.mark.django_db  # checks the database and the file only
 def test_secret_file_hands_over_one_login_privately(alice_owner, broker_settings, tmp_path):
     d = device(alice_owner)
     path = tmp_path / "login.json"
@@ -132,6 +138,7 @@ def test_secret_file_hands_over_one_login_privately(alice_owner, broker_settings
         provision("--all", "--secret-file", str(tmp_path / "all.json"))
 
 
+@pytest.mark.django_db  # checks the database and the file only
 def test_a_refused_device_is_reported_and_the_others_go_on(alice_owner, broker_settings):
     good = device(alice_owner)
     # Topic "home" would make the FullTopic variant `home/stat/#` reach lamps' topics.
@@ -144,6 +151,7 @@ def test_a_refused_device_is_reported_and_the_others_go_on(alice_owner, broker_s
     assert DeviceCredential.objects.filter(device=good).exists()
 
 
+@pytest.mark.django_db  # checks the database and the file only
 def test_unknown_devices_and_a_missing_broker_admin_change_nothing(
     alice_owner, broker_settings, settings
 ):

@@ -14,7 +14,7 @@ from apps.devices.models import Device, DeviceCredential, Profile
 from apps.owners.models import Owner
 from tests.devices.broker_kit import unique
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 
 def lamp(owner: Owner) -> Device:
@@ -32,14 +32,14 @@ def online(peers, broker, device: Device, password: str | None = None):
 
 
 def test_revocation_disconnects_a_connected_device_and_keeps_it_out(
-    alice_owner, broker_settings, peers
+    alice_owner, broker_settings, peers, committed
 ):
     device = lamp(alice_owner)
-    issue_credential(device)
+    committed(issue_credential, device)
     password = password_of(device)
     peer = online(peers, broker_settings, device)
 
-    outcome = revoke_credential(device)
+    outcome = committed(revoke_credential, device)
 
     assert outcome.broker == "applied", outcome
     assert peer.wait(lambda: peer.disconnects), "the broker did not disconnect the device"
@@ -57,14 +57,14 @@ def test_revocation_disconnects_a_connected_device_and_keeps_it_out(
 
 
 def test_rotation_disconnects_the_device_and_only_the_new_password_logs_in(
-    alice_owner, broker_settings, peers
+    alice_owner, broker_settings, peers, committed
 ):
     device = lamp(alice_owner)
-    issue_credential(device)
+    committed(issue_credential, device)
     old = password_of(device)
     peer = online(peers, broker_settings, device)
 
-    outcome = rotate_credential(device)
+    outcome = committed(rotate_credential, device)
 
     assert outcome.broker == "applied" and "password" in str(outcome), outcome
     assert peer.wait(lambda: peer.disconnects)
@@ -74,13 +74,15 @@ def test_rotation_disconnects_the_device_and_only_the_new_password_logs_in(
     online(peers, broker_settings, device, new)
 
 
-def test_a_revoked_login_comes_back_only_with_a_new_password(alice_owner, broker_settings, peers):
+def test_a_revoked_login_comes_back_only_with_a_new_password(
+    alice_owner, broker_settings, peers, committed
+):
     device = lamp(alice_owner)
-    issue_credential(device)
+    committed(issue_credential, device)
     old = password_of(device)
-    revoke_credential(device)
+    committed(revoke_credential, device)
 
-    outcome = issue_credential(device)
+    outcome = committed(issue_credential, device)
 
     assert outcome.broker == "applied" and "new password" in outcome.change
     assert password_of(device) != old
@@ -89,14 +91,14 @@ def test_a_revoked_login_comes_back_only_with_a_new_password(alice_owner, broker
 
 
 def test_provisioning_again_changes_nothing_and_disconnects_nobody(
-    alice_owner, broker_settings, spy, peers
+    alice_owner, broker_settings, spy, peers, committed
 ):
     device = lamp(alice_owner)
-    issue_credential(device)
+    committed(issue_credential, device)
     peer = online(peers, broker_settings, device)
 
-    again = issue_credential(device)
-    synced = sync_credential(device)
+    again = committed(issue_credential, device)
+    synced = committed(sync_credential, device)
 
     assert (again.change, again.broker) == ("credential kept", "unchanged")
     assert synced.broker == "unchanged"
@@ -104,9 +106,11 @@ def test_provisioning_again_changes_nothing_and_disconnects_nobody(
     assert peer.disconnects == []
 
 
-def test_a_broker_that_drifted_is_brought_back_in_line(alice_owner, broker_settings, spy, peers):
+def test_a_broker_that_drifted_is_brought_back_in_line(
+    alice_owner, broker_settings, spy, peers, committed
+):
     device = lamp(alice_owner)
-    issue_credential(device)
+    committed(issue_credential, device)
     rolename = f"device-{device.device_id}"
     with broker_settings.admin() as admin:
         # Someone widened the role by hand: the device may now report for every lamp.
@@ -125,7 +129,7 @@ def test_a_broker_that_drifted_is_brought_back_in_line(alice_owner, broker_setti
         assert "error" not in answer, answer
     peer = online(peers, broker_settings, device)
 
-    outcome = sync_credential(device)
+    outcome = committed(sync_credential, device)
 
     assert outcome.steps == [f"updated ACLs of role {rolename}"]
     peer.publish("home/someone-else/status", b"forged")
@@ -135,20 +139,20 @@ def test_a_broker_that_drifted_is_brought_back_in_line(alice_owner, broker_setti
 
     with broker_settings.admin() as admin:
         admin.run([{"command": "deleteClient", "username": device.device_id}])
-    assert sync_credential(device).steps == [f"created client {device.device_id}"]
+    assert committed(sync_credential, device).steps == [f"created client {device.device_id}"]
     online(peers, broker_settings, device)
 
 
 def test_a_name_taken_by_a_client_the_platform_did_not_create_is_left_alone(
-    alice_owner, broker_settings, peers
+    alice_owner, broker_settings, peers, committed
 ):
     name = unique("legacy")
     with broker_settings.admin() as admin:
         admin.run([{"command": "createClient", "username": name, "password": "theirs"}])
     device = Device.objects.create(owner=alice_owner, device_id=name, profile=Profile.ESP32_LAMP)
 
-    issued = issue_credential(device)
-    revoked = revoke_credential(device)
+    issued = committed(issue_credential, device)
+    revoked = committed(revoke_credential, device)
 
     for outcome in (issued, revoked):
         assert outcome.failed and "did not create" in outcome.error, outcome
@@ -156,12 +160,12 @@ def test_a_name_taken_by_a_client_the_platform_did_not_create_is_left_alone(
 
 
 def test_an_unreachable_broker_is_reported_and_the_next_sync_repairs_it(
-    alice_owner, broker_settings, settings, peers, caplog
+    alice_owner, broker_settings, settings, peers, caplog, committed
 ):
     device = lamp(alice_owner)
     settings.MQTT_ADMIN_URL = "mqtt://127.0.0.1:9"  # discard port: refused at once
 
-    outcome = issue_credential(device)
+    outcome = committed(issue_credential, device)
 
     assert outcome.failed
     assert "cannot reach the broker at mqtt://127.0.0.1:9" in outcome.error
@@ -169,22 +173,22 @@ def test_an_unreachable_broker_is_reported_and_the_next_sync_repairs_it(
     assert DeviceCredential.objects.filter(device=device).exists()  # the database went first
 
     settings.MQTT_ADMIN_URL = broker_settings.url
-    assert sync_credential(device).broker == "applied"
+    assert committed(sync_credential, device).broker == "applied"
     online(peers, broker_settings, device)
 
 
 def test_a_wrong_admin_login_or_a_non_admin_is_a_clear_error(
-    alice_owner, broker_settings, settings, monkeypatch
+    alice_owner, broker_settings, settings, monkeypatch, committed
 ):
     monkeypatch.setattr("apps.devices.broker.TIMEOUT", 1.0)
     device = lamp(alice_owner)
     settings.MQTT_ADMIN_PASSWORD = "not-the-password"
-    outcome = issue_credential(device)
+    outcome = committed(issue_credential, device)
     assert "refused the login of 'dynsec-admin'" in outcome.error
 
     # The platform's own client is not the dynsec admin: its commands go unanswered.
     settings.MQTT_ADMIN_USERNAME = "platform-spy"
     settings.MQTT_ADMIN_PASSWORD = broker_settings.spy_password
-    outcome = sync_credential(device)
+    outcome = committed(sync_credential, device)
     assert "no answer from the dynamic-security plugin" in outcome.error
     assert "is 'platform-spy' its admin?" in outcome.error
