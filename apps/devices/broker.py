@@ -137,7 +137,9 @@ class Desired:
     username: str
     rolename: str
     acls: list[dict[str, Any]]
-    description: str
+    role_description: str
+    description: str  # the client's: the role's, plus the credential and its password digest
+    digest: str
     password: Secret | None = field(repr=False)
 
 
@@ -145,11 +147,10 @@ def desired_state(
     device: Device, username: str, credential_uuid: uuid.UUID | str | None, password: Secret | None
 ) -> Desired:
     digest = password_hmac(credential_uuid, password.reveal()) if password is not None else "new"
-    description = (
-        f"owner={device.owner.slug} device={device.device_id} "
-        f"credential={credential_uuid or 'new'} password-hmac={digest}"
-    )
-    return Desired(username, role_name(username), device_acls(device), description, password)
+    about = f"owner={device.owner.slug} device={device.device_id}"
+    description = f"{about} credential={credential_uuid or 'new'} password-hmac={digest}"
+    acls = device_acls(device)
+    return Desired(username, role_name(username), acls, about, description, digest, password)
 
 
 # --- talking to the dynamic-security plugin ----------------------------------------------------
@@ -391,7 +392,7 @@ def plan(admin: DynsecAdmin, username: str, desired: Desired | None) -> list[Ste
         return steps
 
     steps = []
-    texts = {"textname": MARKER, "textdescription": desired.description}
+    texts = {"textname": MARKER, "textdescription": desired.role_description}
     if role is None:
         steps.append(
             Step(
@@ -421,29 +422,28 @@ def plan(admin: DynsecAdmin, username: str, desired: Desired | None) -> list[Ste
                         "command": "createClient",
                         "username": username,
                         "password": password,
-                        **texts,
+                        "textname": MARKER,
+                        "textdescription": desired.description,
                         "roles": roles,
                     },
                 )
             )
         return steps
 
-    change: dict[str, Any] = {}
-    what = []
+    # Only the password digest and the roles count: any change to a client disconnects it, so a
+    # description that is merely out of date (an owner renamed) waits for the next real change.
     held = _HMAC_RE.search(client.get("textdescription") or "")
-    wanted = _HMAC_RE.search(desired.description)
-    if password is None or not held or not wanted or held.group(1) != wanted.group(1):
+    change: dict[str, Any] = {}
+    if password is None or held is None or held.group(1) != desired.digest:
         change["password"] = password
-        what.append("password")
-    if client.get("textdescription") != desired.description:
-        change["textdescription"] = desired.description
+    # Groups could carry ACLs of their own: a device client belongs to none.
     if [r.get("rolename") for r in client.get("roles", [])] != [rolename] or client.get("groups"):
-        change["roles"], change["groups"] = roles, []
-        what.append("roles")
+        change |= {"roles": roles, "groups": []}
     if change:
-        what = what or ["description"]
-        text = f"updated {', '.join(what)} of client {username} (disconnected)"
+        what = " and ".join(k for k in ("password", "roles") if k in change)
+        text = f"updated {what} of client {username} (disconnected)"
         command = {"command": "modifyClient", "username": username, **change}
+        command["textdescription"] = desired.description
         steps.append(Step(text, command if password is not None else {}))
     if client.get("disabled"):
         steps.append(

@@ -192,3 +192,37 @@ def test_a_wrong_admin_login_or_a_non_admin_is_a_clear_error(
     outcome = committed(sync_credential, device)
     assert "no answer from the dynamic-security plugin" in outcome.error
     assert "is 'platform-spy' its admin?" in outcome.error
+
+
+def test_a_group_added_by_hand_is_removed_but_a_stale_description_disturbs_nobody(
+    alice_owner, broker_settings, peers, committed
+):
+    device = lamp(alice_owner)
+    committed(issue_credential, device)
+    name, group = device.device_id, unique("wide")
+    with broker_settings.admin() as admin:
+        get = {"command": "getClient", "username": name}
+        description = admin.get(get, "")["client"]["textdescription"]
+        answers = admin.run(
+            [
+                # An owner renamed since: the description is stale, the password digest is not.
+                {
+                    "command": "modifyClient",
+                    "username": name,
+                    "textdescription": description.replace("owner=alice", "owner=old"),
+                },
+                # A group that would let the device read and write everything.
+                {"command": "createGroup", "groupname": group, "roles": [{"rolename": "platform"}]},
+            ]
+        )
+        assert not any("error" in a for a in answers), answers
+    peer = online(peers, broker_settings, device)
+
+    assert committed(sync_credential, device).broker == "unchanged"
+    assert peer.disconnects == []
+
+    with broker_settings.admin() as admin:
+        admin.run([{"command": "addGroupClient", "groupname": group, "username": name}])
+        outcome = committed(sync_credential, device)
+        assert outcome.steps == [f"updated roles of client {name} (disconnected)"]
+        assert admin.get(get, "")["client"]["groups"] == []
