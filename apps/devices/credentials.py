@@ -160,17 +160,31 @@ def revoke_credential(device: Device, *, admin: DynsecAdmin | None = None) -> Ou
 
 
 def sync_credential(device: Device, *, admin: DynsecAdmin | None = None) -> Outcome:
-    """Bring the broker in line with the database for one device, changing nothing here."""
+    """Bring the broker in line with the database for one device, changing nothing here.
+
+    A revoked credential stays revoked (its client is deleted); only `issue_credential`, asked
+    for one device explicitly, gives a revoked device a login again.
+    """
+    credential = DeviceCredential.objects.filter(device=device).first()
+    if credential is None:
+        change = "no credential"
+    elif credential.revoked_at is not None:
+        change = "credential revoked"
+    else:
+        change = "credential kept"
     with transaction.atomic():
-        return _after_commit(device, "database unchanged", admin)
+        return _after_commit(device, change, admin)
 
 
 def plan_credential(device: Device, admin: DynsecAdmin, action: str) -> tuple[str, list[Step]]:
-    """What `action` ("issue", "rotate", "revoke") would change, without changing anything."""
+    """What `action` ("issue", "rotate", "revoke", "sync") would change, changing nothing."""
     credential = DeviceCredential.objects.filter(device=device).first()
     active = credential is not None and credential.revoked_at is None
     if action == "revoke":
         change = "would revoke the credential" if active else "no active credential"
+        return change, broker.plan(admin, _username(device, credential), None)
+    if action == "sync" and not active:
+        change = "credential revoked" if credential is not None else "no credential"
         return change, broker.plan(admin, _username(device, credential), None)
     check_provisionable(device)
     password: Secret | None = None
@@ -253,7 +267,7 @@ def _push(outcome: Outcome, device_pk: int, admin: DynsecAdmin | None) -> None:
             steps = _sync(admin, device_pk)
     except BrokerNotConfigured as exc:
         outcome.broker, outcome.error = "skipped", str(exc)
-    except BrokerError as exc:
+    except (BrokerError, UnsafeDevice) as exc:  # UnsafeDevice: its topic changed since issued
         outcome.broker, outcome.error = "failed", str(exc)
         logger.warning(
             "broker credential sync failed device=%s error=%r; the database is ahead of the "

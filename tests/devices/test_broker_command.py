@@ -11,7 +11,7 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
-from apps.devices.credentials import issue_credential
+from apps.devices.credentials import issue_credential, revoke_credential
 from apps.devices.models import Device, DeviceCredential, Profile
 from apps.owners.models import Owner
 from tests.devices.broker_kit import unique
@@ -74,6 +74,27 @@ def test_all_issues_missing_logins_and_removes_orphaned_ones(
 
 
 @COMMITTING
+def test_all_keeps_revoked_devices_out_and_catches_up_a_missed_revocation(
+    alice_owner, broker_settings, settings, peers
+):
+    d = device(alice_owner)
+    issue_credential(d)
+    password = password_of(d)
+    settings.MQTT_ADMIN_URL = "mqtt://127.0.0.1:9"
+    assert revoke_credential(d).failed  # the broker never heard of the revocation…
+    settings.MQTT_ADMIN_URL = broker_settings.url
+    assert not peers(broker_settings, d.device_id, password).connect().is_failure
+
+    out, _ = provision("--all")
+
+    assert f"{d.device_id}: credential revoked; broker: deleted client {d.device_id}" in out
+    assert DeviceCredential.objects.get(device=d).revoked_at is not None  # …and stays revoked
+    assert peers(broker_settings, d.device_id, password).connect().is_failure
+    again, _ = provision("--all")
+    assert f"{d.device_id}: credential revoked; broker: already up to date" in again
+
+
+@COMMITTING
 def test_a_dry_run_changes_nothing(alice_owner, broker_settings, peers):
     fresh, active = device(alice_owner), device(alice_owner)
     issue_credential(active)
@@ -112,7 +133,8 @@ def test_no_password_ever_reaches_the_output_or_any_log(alice_owner, broker_sett
         if args != ["--revoke"]:
             seen.append(password_of(d))
     outputs += provision("--all")
-    seen.append(password_of(d))  # --all re-issued the revoked login
+    outputs += provision("--device", d.device_id)  # asked for explicitly: a new login
+    seen.append(password_of(d))
 
     assert len(set(seen)) == 4  # issued, rotated, (kept), rotated, re-issued
     text = "\n".join(outputs) + caplog.text + broker_settings.log_text()

@@ -1,7 +1,8 @@
 """`manage.py provision_broker`: devices' MQTT logins in Mosquitto (docs/operations.md).
 
     provision_broker --device ID [--device ID …]   issue a login if missing, sync it to the broker
-    provision_broker --all                         every device, then remove orphaned broker logins
+    provision_broker --all                         every device (revoked ones stay revoked), then
+                                                   remove orphaned broker logins
     provision_broker --rotate ID                   new password; the device is disconnected
     provision_broker --revoke ID                   delete the login; the device is disconnected
     --dry-run                                      show what would change, change nothing
@@ -29,6 +30,7 @@ ACTIONS = {
     "device": ("issue", credentials.issue_credential),
     "rotate": ("rotate", credentials.rotate_credential),
     "revoke": ("revoke", credentials.revoke_credential),
+    "sync": ("sync", credentials.sync_credential),
 }
 
 
@@ -50,9 +52,9 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         ids: list[str] | None = None  # None: every device
-        mode = "device"
+        mode = "all"
         if not options["all"]:
-            mode = next(m for m in ACTIONS if options[m])
+            mode = next(m for m in ("device", "rotate", "revoke") if options[m])
             ids = options[mode]
         secret_file = options["secret_file"]
         if secret_file and (mode == "revoke" or ids is None or len(ids) != 1):
@@ -71,10 +73,16 @@ class Command(BaseCommand):
         failures = 0
         with admin:
             for device in devices:
-                if options["dry_run"]:
-                    failures += self._dry_run(admin, device, ACTIONS[mode][0])
+                if mode == "all":
+                    # An explicit --device may re-issue a revoked login; a sweep never does.
+                    has_one = DeviceCredential.objects.filter(device=device).exists()
+                    mode_here = "sync" if has_one else "device"
                 else:
-                    failures += self._run(admin, device, mode)
+                    mode_here = mode
+                if options["dry_run"]:
+                    failures += self._dry_run(admin, device, ACTIONS[mode_here][0])
+                else:
+                    failures += self._run(admin, device, mode_here)
             if options["all"]:
                 failures += self._prune(admin, options["dry_run"])
         if failures:
