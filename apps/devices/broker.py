@@ -220,6 +220,10 @@ class DynsecAdmin:
         self.close()
 
     def open(self) -> None:
+        if self._client is not None:
+            return
+        with self._cond:  # a reopened admin starts from a clean slate
+            self._connack, self._suback, self._lost, self._answers = None, None, None, {}
         client_id = f"{settings.MQTT_CLIENT_ID_PREFIX}-dynsec-{uuid.uuid4().hex[:12]}"
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         client.username_pw_set(self.username, self._password)

@@ -71,7 +71,7 @@ class Command(BaseCommand):
             raise CommandError(f"{exc}; nothing changed") from None
 
         failures = 0
-        with admin:
+        try:
             for device in devices:
                 if mode == "all":
                     # An explicit --device may re-issue a revoked login; a sweep never does.
@@ -85,6 +85,8 @@ class Command(BaseCommand):
                     failures += self._run(admin, device, mode_here)
             if options["all"]:
                 failures += self._prune(admin, options["dry_run"])
+        finally:
+            admin.close()
         if failures:
             raise CommandError(
                 f"{failures} problem(s), see above. The database is the source of truth: rerun "
