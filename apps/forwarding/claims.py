@@ -13,6 +13,7 @@ making counts, because a broker cannot tell us how often a message was redeliver
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -290,7 +291,10 @@ def record(results: Iterable[Result], token: str, policies: dict[int, RetryPolic
                     r.error = f"{r.error} (gave up after {r.attempt} attempts)"[:ERROR_MAX]
                 key = (Status.FAILED, r.status_code, r.error, None)
             else:
-                due = (now + timedelta(seconds=delay)).replace(microsecond=0)
+                # Whole seconds, rounded up (never earlier than asked), so that a batch's
+                # retries share a few UPDATEs instead of one each.
+                due = (now + timedelta(seconds=math.ceil(delay))).replace(microsecond=0)
+                due += timedelta(seconds=1) if now.microsecond else timedelta(0)
                 key = (Status.PENDING, r.status_code, r.error, due)
         groups[key].append(r)
 

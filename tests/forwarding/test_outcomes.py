@@ -82,7 +82,7 @@ def test_it_retries_on_503_with_retry_after(receiver, alice_owner, alice_lamp) -
     hook = make_webhook(alice_owner, receiver.url(), initial_delay=5)
     delivery, attempt = send_one(hook, alice_lamp)
     assert delivery.status == Status.PENDING and attempt.outcome == Outcome.RETRY
-    assert 115 <= seconds_until(delivery.next_attempt_at) <= 121  # the receiver's 120 s
+    assert 118 <= seconds_until(delivery.next_attempt_at) <= 122  # the receiver's 120 s
     assert deliver_due().claimed == 0  # not due yet: nothing is sent early
     make_due_now()
     deliver_due()
@@ -98,14 +98,14 @@ def test_it_retries_on_429_with_an_http_date(receiver, alice_owner, alice_lamp) 
     hook = make_webhook(alice_owner, receiver.url(), initial_delay=5)
     delivery, attempt = send_one(hook, alice_lamp)
     assert attempt.outcome == Outcome.RETRY and attempt.status_code == 429
-    assert 290 <= seconds_until(delivery.next_attempt_at) <= 301
+    assert 290 <= seconds_until(delivery.next_attempt_at) <= 302
 
 
 def test_retry_after_is_held_to_the_policy_cap(receiver, alice_owner, alice_lamp) -> None:
     receiver.script("/hook", Answer(503, {"Retry-After": "999999"}))
     hook = make_webhook(alice_owner, receiver.url(), max_delay=600)
     delivery, _attempt = send_one(hook, alice_lamp)
-    assert 590 <= seconds_until(delivery.next_attempt_at) <= 601
+    assert 598 <= seconds_until(delivery.next_attempt_at) <= 602
 
 
 def test_a_5xx_retries_on_the_policy_schedule(receiver, alice_owner, alice_lamp) -> None:
@@ -115,11 +115,11 @@ def test_a_5xx_retries_on_the_policy_schedule(receiver, alice_owner, alice_lamp)
     )
     delivery, attempt = send_one(hook, alice_lamp)
     assert attempt.outcome == Outcome.RETRY and delivery.last_status_code == 500
-    assert 8 <= seconds_until(delivery.next_attempt_at) <= 11.5  # 10 s ± jitter
+    assert 8.5 <= seconds_until(delivery.next_attempt_at) <= 13  # 10 s ± jitter, whole s
     make_due_now()
     deliver_due()
     delivery.refresh_from_db()
-    assert 26 <= seconds_until(delivery.next_attempt_at) <= 33.5  # 10 × 3 ± jitter
+    assert 26.5 <= seconds_until(delivery.next_attempt_at) <= 35  # 10 × 3 ± jitter
     make_due_now()
     deliver_due()
     delivery.refresh_from_db()
@@ -205,7 +205,7 @@ def test_a_refused_connection_retries_with_a_generic_error(
     delivery, attempt = send_one(hook, alice_lamp)
     assert attempt.outcome == Outcome.RETRY and attempt.status_code is None
     assert attempt.error == egress.GENERIC_ERROR
-    assert 4 <= seconds_until(delivery.next_attempt_at) <= 6
+    assert 4.2 <= seconds_until(delivery.next_attempt_at) <= 7.5
 
 
 def test_a_bad_template_fails_the_delivery_with_its_reason(
