@@ -96,3 +96,5 @@ def test_owner_specs_log_in_with_the_devices_live_credential_only(alice_lamp, al
         "s3cret-pw",
     )
     assert (specs["alice-meter-1"].username, specs["alice-meter-1"].password) == ("", "")
+    # paho must get the text itself: a Secret would go out as its mask.
+    assert type(specs["alice-lamp-1"].password) is str

@@ -52,7 +52,7 @@ def owner_specs(
                 power={str(k): str(v) for k, v in (device.power or {}).items()},
                 username=credential.username if credential else "",
                 # Decrypting fails loudly on a wrong key: better than connecting without a login.
-                password=credential.password if credential else "",
+                password=credential.password.reveal() if credential and credential.password else "",
             )
         )
     return specs
