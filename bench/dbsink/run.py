@@ -311,6 +311,50 @@ def backlog_size(env: dict[str, str]) -> int:
     return row[0]
 
 
+def tree_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process and its live descendants (Celery's prefork
+    children are alive while measured, so /proc's cutime would miss them)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks)
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        total += stats.get(current, (0, 0.0))[1]
+        todo.extend(child for child, (parent, _cpu) in stats.items() if parent == current)
+    return total
+
+
+def backend_cpu(databases: list[str]) -> dict[int, float]:
+    """CPU seconds of each PostgreSQL backend serving these databases (the server's side)."""
+    import psycopg
+
+    admin = PG_ADMIN_URL.replace("postgres://", "postgresql://", 1)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        pids = [
+            row[0]
+            for row in conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = ANY(%s)", (databases,)
+            ).fetchall()
+        ]
+    ticks = os.sysconf("SC_CLK_TCK")
+    found = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        found[pid] = (int(fields[11]) + int(fields[12])) / ticks
+    return found
+
+
 def spawn_workers(env: dict[str, str], queue: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "iotplatform", "worker", "-Q", queue,
@@ -371,9 +415,13 @@ def backlog_phase(env: dict, queue: str, targets: Targets, engine: str, prefix: 
     workers = spawn_workers(env, env["DELIVERY_QUEUE"])
     try:
         time.sleep(3)  # worker start-up
+        databases = [env["DATABASE_URL"].rsplit("/", 1)[1], targets.name]
+        cpu0, pg0 = tree_cpu(workers.pid), backend_cpu(databases)
         t0 = datetime.now(UTC)
         kick(env)
         got = wait_rows(targets, engine, prefix, BACKLOG, timeout=600)
+        cpu, pg1 = tree_cpu(workers.pid) - cpu0, backend_cpu(databases)
+        pg_cpu = sum(seconds - pg0.get(pid, 0.0) for pid, seconds in pg1.items())
         n, first, last = targets.span(engine, prefix)
     finally:
         stop(workers)
@@ -381,7 +429,15 @@ def backlog_phase(env: dict, queue: str, targets: Targets, engine: str, prefix: 
     start = min(t0, first) if first else t0
     rate = n / (last - start).total_seconds() if last else 0.0
     log(f"backlog {engine}: {got}/{BACKLOG} at {rate:.0f} rows/s")
-    return {f"backlog_{name}_rows": got, f"backlog_{name}_per_s": round(rate)}
+    return {
+        f"backlog_{name}_rows": got,
+        f"backlog_{name}_per_s": round(rate),
+        # Independent of what else the machine runs: the workers' own CPU per 1,000 rows.
+        f"backlog_{name}_worker_cpu_ms_per_1000": round(cpu / max(got, 1) * 1e6),
+        # PostgreSQL backends of the platform's and the owner's databases (MariaDB's own
+        # server threads are not included).
+        f"backlog_{name}_postgres_cpu_ms_per_1000": round(pg_cpu / max(got, 1) * 1e6),
+    }
 
 
 def ingested(platform, prefix: str) -> int:

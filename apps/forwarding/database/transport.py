@@ -163,7 +163,7 @@ class Session:
 @dataclass(slots=True)
 class _Item:
     row: Claimed
-    report: Callable[[Result], None]
+    report: Callable[[Result], None]  # the pipeline's; called through `_deliver`
     arrived: float
 
 
@@ -181,7 +181,6 @@ class Sink:
         self, config: TargetConfig, rows: list[Claimed], report: Callable[[Result], None]
     ) -> None:
         now = time.monotonic()
-        report = _threadsafe(report)
         with self.cond:
             self.config = config
             self.items.extend(_Item(row, report, now) for row in rows)
@@ -241,29 +240,52 @@ class Sink:
             connection.close()  # this thread's connection to the platform's database
 
 
-def _threadsafe(report: Callable[[Result], None]) -> Callable[[Result], None]:
-    """The form of `report` that may be called from the sink's thread: the pipeline's pump
-    takes results in its event loop (`pump.Pump.report_threadsafe`)."""
-    return getattr(getattr(report, "__self__", None), "report_threadsafe", None) or report
+Report = Callable[[Result], None]
+
+
+def _report_each(report: Report, results: list[Result]) -> None:
+    for result in results:
+        report(result)
+
+
+def _deliver(reports: list[tuple[Report, Result]]) -> None:
+    """Hand results to the pipeline from the sink's thread. The pipeline's pump takes them in
+    its event loop (`pump.Pump`): one thread-safe call per batch, not one per row — each such
+    call wakes the loop through its self-pipe, a system call."""
+    groups: dict[Report, list[Result]] = {}
+    for report, result in reports:
+        groups.setdefault(report, []).append(result)
+    for report, results in groups.items():
+        pump = getattr(report, "__self__", None)
+        loop = getattr(pump, "loop", None)
+        if loop is not None and hasattr(pump, "report_threadsafe"):
+            loop.call_soon_threadsafe(_report_each, report, results)
+        else:  # a plain callable (a queue's put): thread-safe itself
+            _report_each(report, results)
 
 
 def _report_all(
     items: list[_Item], outcome: str, error: str, config: TargetConfig, duration_ms: int = 0
 ) -> None:
     started = timezone.now()
-    for item in items:
-        item.report(
-            Result(
-                delivery_id=item.row.id,
-                destination_id=config.destination_id,
-                owner_id=item.row.owner_id,
-                attempt=item.row.attempt,
-                started_at=started,
-                duration_ms=duration_ms,
-                outcome=outcome,
-                error=error,
+    _deliver(
+        [
+            (
+                item.report,
+                Result(
+                    delivery_id=item.row.id,
+                    destination_id=config.destination_id,
+                    owner_id=item.row.owner_id,
+                    attempt=item.row.attempt,
+                    started_at=started,
+                    duration_ms=duration_ms,
+                    outcome=outcome,
+                    error=error,
+                ),
             )
-        )
+            for item in items
+        ]
+    )
 
 
 # --- the transport ------------------------------------------------------------------------------
@@ -420,21 +442,26 @@ class DatabaseTransport:
 
         # The batch log and health first: whoever sees these rows done sees their effects.
         self._record(config, items, outcomes, failure, started, duration_ms, statements)
-        for item, (outcome, error) in zip(items, outcomes, strict=True):
-            item.report(
-                Result(
-                    delivery_id=item.row.id,
-                    destination_id=config.destination_id,
-                    owner_id=item.row.owner_id,
-                    attempt=item.row.attempt,
-                    started_at=started,
-                    duration_ms=duration_ms,
-                    outcome=outcome,
-                    error=error,
-                    # Written rows are in the batch log; only failures get a row of their own.
-                    logged=outcome != Outcome.DELIVERED,
+        _deliver(
+            [
+                (
+                    item.report,
+                    Result(
+                        delivery_id=item.row.id,
+                        destination_id=config.destination_id,
+                        owner_id=item.row.owner_id,
+                        attempt=item.row.attempt,
+                        started_at=started,
+                        duration_ms=duration_ms,
+                        outcome=outcome,
+                        error=error,
+                        # Written rows are in the batch log; only failures get their own row.
+                        logged=outcome != Outcome.DELIVERED,
+                    ),
                 )
-            )
+                for item, (outcome, error) in zip(items, outcomes, strict=True)
+            ]
+        )
         if unsent:
             _report_all(unsent, Outcome.RETRY, "Not sent: the destination is failing", config)
 
