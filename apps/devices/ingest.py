@@ -576,7 +576,7 @@ def quarantine_unstorable(msg: InboundMessage, exc: Exception) -> None:
 
 
 def _telemetry_event(row: _Row, device: Device, parsed: Parsed) -> DeviceEvent:
-    data = row.data
+    data = row.data if parsed.event_data is None else parsed.event_data
     if parsed.power:
         # Status events carry the normalized relay states, whatever the profile's wire format.
         data = {**data, "power": parsed.power}

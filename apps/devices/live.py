@@ -169,6 +169,8 @@ def chart_values(data: Mapping[str, Any]) -> dict[str, float]:
         values.setdefault("energy" if name == "total" else name, float(value))
 
     for key, value in data.items():
+        if key in ("v", "seq"):  # a stored meter-v2 message's envelope, not a reading
+            continue
         if isinstance(value, Mapping):
             for sub_key, sub_value in value.items():
                 take(str(sub_key), sub_value)

@@ -225,7 +225,17 @@ def test_meter_status_ack_and_ota(alice_meter):
     meter = Device.objects.get(pk=alice_meter.pk)
     assert meter.connection == Connection.OFFLINE and meter.firmware == "2.2.0"
     ack = next(e for e in result.events if e.type == "command_ack")
-    assert ack.data["command_id"] == "c-1" and ack.data["status"] == "ok"
+    assert ack.data == {"command_id": "c-1", "status": "ok"}  # without the envelope
+    assert ack.seq == 3
+
+
+def test_meter_events_carry_readings_at_the_top_and_the_raw_message_is_kept(alice_meter):
+    result = ingest(msg("iot/alice-meter-1/telemetry", reading(7, voltage=751.5)))
+    [event] = [e for e in result.events if e.type == "telemetry"]
+    assert event.data["voltage"] == 751.5 and event.data["device_type"] == "power_meter_dc"
+    assert "v" not in event.data and "data" not in event.data and event.seq == 7
+    row = Telemetry.objects.get(device=alice_meter)
+    assert row.data["v"] == 2 and row.data["data"]["voltage"] == 751.5
 
 
 BAD_CORPUS = [

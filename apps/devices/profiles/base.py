@@ -58,6 +58,9 @@ class Parsed:
     uptime: str | None = None
     request_id: str | None = None
     topic_order: str | None = None  # Tasmota: the FullTopic order this message used
+    # What consumers of the event see as its `data` (delivery templates, column mappings) when
+    # it differs from the stored raw payload, e.g. a meter's readings without the envelope.
+    event_data: dict[str, Any] | None = None
 
 
 class DeviceProfile:

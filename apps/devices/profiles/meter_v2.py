@@ -27,6 +27,7 @@ CHANNELS = {
 }
 DEVICE_TYPES = {"power_meter_dc", "power_meter_ac"}
 OTA_STATES = {"downloading", "applying", "done", "failed"}
+ENVELOPE = {"v", "seq", "msg_type", "ts"}
 
 
 def _reading(data: dict[str, Any]) -> dict[str, float]:
@@ -94,6 +95,9 @@ class MeterV2(DeviceProfile):
             seq=seq,
             boot_id=boot_id,
         )
+        # Events carry the message without its envelope (seq and ts travel beside it), and a
+        # reading's values at the top: `${data.voltage}` in a template, like every profile.
+        parsed.event_data = {k: v for k, v in body.items() if k not in ENVELOPE}
 
         if channel == "telemetry":
             data = body.get("data")
@@ -104,6 +108,8 @@ class MeterV2(DeviceProfile):
                 raise Reject(INVALID, f"unknown device_type {str(device_type)[:32]!r}")
             parsed.reading = _reading(data)
             parsed.device_type = device_type
+            parsed.event_data = {**parsed.event_data, **data}
+            del parsed.event_data["data"]
         elif channel == "hello":
             if boot_id is None:
                 raise Reject(INVALID, "hello without boot_id")
