@@ -311,6 +311,53 @@ def test_a_button_switches_the_lamp_and_shows_pending_until_confirmed(
     assert page.evaluate("window.__notReloaded") is True
 
 
+@pytest.fixture
+def simulated_lamp(platform_env, alice_owner, lamp, tmp_path) -> Iterator[PlatformProcess]:
+    """The lamp played by `manage.py simulate_devices`, as in `make run`."""
+    proc = PlatformProcess(
+        "simulator",
+        [sys.executable, "manage.py", "simulate_devices", "--owner", alice_owner.slug,
+         "--device", lamp.device_id, "--interval", "1"],
+        platform_env,
+        tmp_path / "simulator.log",
+    )  # fmt: skip
+    proc.start()
+    yield proc
+    proc.stop()
+    print(f"--- simulator log ---\n{proc.tail()}")
+
+
+def test_clicking_off_turns_a_simulated_lamp_off_confirmed_within_a_second(
+    staff_alice, lamp, server, listener, simulated_lamp, browser_page
+):
+    """Issue 5's acceptance: a tile's OFF button, the simulator's lamp, confirmed within 1 s."""
+    from playwright.sync_api import expect
+
+    page = browser_page
+    open_dashboard(page, server)
+    row = relay(page, lamp)
+    # The simulator is up, and its reports flow through the listener to the page.
+    deadline = time.monotonic() + 60
+    while off_loop(lambda: Device.objects.get(pk=lamp.pk).firmware) == "1.4.2":
+        assert simulated_lamp.alive() and listener.alive(), simulated_lamp.tail() + listener.tail()
+        assert time.monotonic() < deadline, "the simulated lamp never reported"
+        page.wait_for_timeout(300)
+    if row.get_attribute("data-power") != "ON":  # start from ON, so OFF is a real change
+        row.locator('button.cmd[data-action="ON"]').click()
+        expect(row).to_have_attribute("data-power", "ON", timeout=10_000)
+        expect(row).not_to_have_class(re.compile(r"\bpending\b"), timeout=10_000)
+
+    row.locator('button.cmd[data-action="OFF"]').click()
+    expect(row).to_have_attribute("data-power", "OFF", timeout=LIVE_WITHIN_MS)
+    expect(row).not_to_have_class(re.compile(r"\bpending\b"), timeout=LIVE_WITHIN_MS)
+
+    def last_off() -> str:
+        return Command.objects.filter(device=lamp, action="OFF").latest("issued_at").status
+
+    assert off_loop(last_off) == CommandStatus.CONFIRMED
+    assert page.evaluate("window.__notReloaded") is True
+
+
 # --- the README screenshot ----------------------------------------------------------------------
 
 
