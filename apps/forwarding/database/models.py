@@ -120,7 +120,8 @@ class DatabaseDestination(Destination):
         # so a long wait buys few extra rows per statement and costs every row its latency.
         default=100,
         validators=[MaxValueValidator(MAX_FLUSH_MS)],
-        help_text="How long a partial batch waits for more rows before it is written.",
+        help_text="A partial batch is written at most this long after the previous one "
+        "(a full batch at once).",
     )
 
     # --- health, written by the transport ------------------------------------------------------

@@ -3,10 +3,11 @@
 Per destination and worker process there is one `Sink`: a buffer the pipeline hands claimed rows
 to, and a writer thread that owns the destination's one connection (the "pool" of one: opened on
 first use, kept while rows keep coming, closed after POOL_IDLE seconds without any). The thread
-takes up to `batch_size` rows — at once when that many are waiting, else when the oldest has
-waited `flush_interval` — writes them in one transaction (`writer.py`), and reports one `Result`
-per row. The pipeline may claim the next batch while one is being written (`capacity` allows
-two batches in flight), so claiming, rendering and the owner's server work in parallel.
+takes up to `batch_size` rows — at once when that many are waiting, else no sooner than
+`flush_interval` after its previous batch — writes them in one transaction (`writer.py`), and
+reports one `Result` per row. The pipeline may claim the next batch while one is being written
+(`capacity` allows two batches in flight), so claiming, rendering and the owner's server work in
+parallel.
 
 A thread per active destination, not a shared pool: a slow or hanging owner database then ties
 up its own thread only, never another destination's writes (statement and lock timeouts bound
@@ -164,7 +165,6 @@ class Session:
 class _Item:
     row: Claimed
     report: Callable[[Result], None]  # the pipeline's; called through `_deliver`
-    arrived: float
 
 
 class Sink:
@@ -176,14 +176,14 @@ class Sink:
         self.config: TargetConfig | None = None
         self.thread: threading.Thread | None = None
         self.closing = False
+        self.flushed_at = 0.0  # monotonic time the last batch was taken
 
     def add(
         self, config: TargetConfig, rows: list[Claimed], report: Callable[[Result], None]
     ) -> None:
-        now = time.monotonic()
         with self.cond:
             self.config = config
-            self.items.extend(_Item(row, report, now) for row in rows)
+            self.items.extend(_Item(row, report) for row in rows)
             if self.thread is None:
                 self.thread = threading.Thread(
                     target=self._run, name=f"db-sink-{self.destination_id}", daemon=True
@@ -198,7 +198,10 @@ class Sink:
             return self.thread
 
     def _take(self) -> tuple[TargetConfig, list[_Item]] | None:
-        """Wait for a batch: full, or its oldest row has waited the flush interval."""
+        """Wait for a batch: a full one at once; a partial one no sooner than one flush
+        interval after the previous batch. So a quiet destination's rows go out as they come,
+        and a busy one's are gathered into fewer, larger statements, none waiting longer than
+        the interval."""
         idle_since = time.monotonic()
         with self.cond:
             while True:
@@ -207,10 +210,11 @@ class Sink:
                     config = self.config
                     assert config is not None
                     size = config.settings.batch_size
-                    wait = self.items[0].arrived + config.settings.flush_interval - now
+                    wait = self.flushed_at + config.settings.flush_interval - now
                     if len(self.items) >= size or wait <= 0 or self.closing:
                         taken = self.items[:size]
                         del self.items[:size]
+                        self.flushed_at = now
                         return config, taken
                     self.cond.wait(wait)
                 else:
