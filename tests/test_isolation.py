@@ -436,6 +436,9 @@ def _check_admin(route: Route, world: World) -> list[str]:
     model = _admin_model(route)
     assert model is not None
     client = _session(world)
+    if "owner_id" in route.kwargs:  # a per-owner admin page (e.g. a tab reloaded by htmx)
+        url = _reverse(route, {"owner_id": str(world.charlie_owner.pk)})
+        return _object_checks(client, url, world, route.name, ["GET"])
     if "object_id" in route.kwargs or "pk" in route.kwargs:
         row = world.charlie_row(model)
         if row is None:
