@@ -301,16 +301,6 @@ def fill_backlog(env: dict[str, str], count: int, prefix: str) -> None:
     )
 
 
-def backlog_size(env: dict[str, str]) -> int:
-    import psycopg
-
-    with psycopg.connect(env["DATABASE_URL"].replace("postgres://", "postgresql://", 1)) as c:
-        row = c.execute(
-            "SELECT count(*) FROM forwarding_delivery WHERE status IN ('pending', 'sending')"
-        ).fetchone()
-    return row[0]
-
-
 def tree_cpu(pid: int) -> float:
     """User + system CPU seconds of a process and its live descendants (Celery's prefork
     children are alive while measured, so /proc's cutime would miss them)."""
@@ -423,6 +413,7 @@ def backlog_phase(env: dict, queue: str, targets: Targets, engine: str, prefix: 
         cpu, pg1 = tree_cpu(workers.pid) - cpu0, backend_cpu(databases)
         pg_cpu = sum(seconds - pg0.get(pid, 0.0) for pid, seconds in pg1.items())
         n, first, last = targets.span(engine, prefix)
+        time.sleep(2)  # let the workers record the last results before they are stopped
     finally:
         stop(workers)
     # From the kick to the last row committed in the target (the first batch's wait included).
@@ -464,7 +455,9 @@ def fast_phase(env: dict, mqtt_url: str, targets: Targets) -> dict:
     while True:
         got = ingested(platform, prefix)
         backlog = platform.execute(
-            "SELECT count(*) FROM forwarding_delivery WHERE status IN ('pending', 'sending')"
+            "SELECT count(*) FROM forwarding_delivery"
+            " WHERE status IN ('pending', 'sending') AND device LIKE %s",
+            (f"{prefix}-%",),
         ).fetchone()[0]
         samples.append((time.monotonic() - t0, got, backlog))
         if got >= n or time.monotonic() - t0 > 600:
