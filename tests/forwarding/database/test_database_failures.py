@@ -127,9 +127,20 @@ def test_an_unreachable_database_keeps_its_backlog_and_drains_it_when_back(
         proxy.stop()
 
 
-def _failing_login_destination(target_db, alice_owner, proxy):
+@pytest.fixture
+def dropped_users(target_db):
+    """MariaDB accounts a test creates, dropped afterwards (they outlive the test database)."""
+    users: list[str] = []
+    yield users
+    for user in users:
+        for host in ("127.0.0.1", "localhost"):
+            target_db.execute(f"DROP USER IF EXISTS '{user}'@'{host}'")
+
+
+def _failing_login_destination(target_db, alice_owner, proxy, users):
     if target_db.engine == "mysql":
         user = f"u{time.monotonic_ns() % 10**9}"
+        users.append(user)
         for host in ("127.0.0.1", "localhost"):
             target_db.execute(f"CREATE USER '{user}'@'{host}' IDENTIFIED BY 'right-password'")
             target_db.execute(
@@ -152,13 +163,13 @@ def _failing_login_destination(target_db, alice_owner, proxy):
 
 
 def test_a_refused_login_puts_the_destination_in_error_without_a_retry_storm(
-    target_db, alice_owner, alice_meter, caplog
+    target_db, alice_owner, alice_meter, caplog, dropped_users
 ) -> None:
     caplog.set_level("DEBUG")
     create_readings(target_db)
     proxy = Proxy(target_db.host, target_db.port)  # counts connection attempts
     try:
-        destination = _failing_login_destination(target_db, alice_owner, proxy)
+        destination = _failing_login_destination(target_db, alice_owner, proxy, dropped_users)
         drainer = pipeline.Drainer(budget=60.0, linger=60.0)
 
         def run() -> None:
