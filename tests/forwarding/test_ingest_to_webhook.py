@@ -43,6 +43,7 @@ def test_a_reading_goes_from_ingest_to_the_receiver(receiver, alice_owner, alice
     body = orjson.loads(request.body)
     assert body["type"] == "telemetry"
     assert body["data"]["device"]["id"] == alice_meter.device_id
-    # The event's `data` is what the profile parsed; for meter-v2 that is the whole message.
-    assert body["data"]["data"]["data"]["voltage"] == 750.5
+    # A meter's event carries its readings at the top of `data`, without the envelope.
+    assert body["data"]["data"]["voltage"] == 750.5
+    assert "v" not in body["data"]["data"] and body["data"]["seq"] == 1
     assert body["timestamp"] == body["data"]["ts"]
