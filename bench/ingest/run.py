@@ -45,89 +45,221 @@ STEADY_SECONDS = 5 if SMALL else 20
 LISTENERS = int(os.environ.get("BENCH_LISTENERS", "1"))
 
 
-# --- publisher (runs as a subprocess so it does not share our GIL) ----------------------------
+# --- publisher (a subprocess: it does not share our GIL) -------------------------------------
+#
+# A lean load generator: MQTT 3.1.1 PUBLISH packets encoded from a byte template and written to
+# a plain socket, many per sendall. A paho publisher took most of a core at burst rates, on the
+# same two cores as the system under test. QoS 1: packet ids with a bounded in-flight window,
+# a reader thread counting PUBACKs. The end of a QoS 0 run is a PINGREQ answered: the broker
+# reads a connection in order, so by then it has taken every PUBLISH.
+# It reports on stderr, as one line "publisher {json}": start (the first byte of the first
+# PUBLISH, time.time()), end, count and its own CPU seconds.
+
+PUBLISH_WINDOW = 2000  # QoS 1 messages in flight (unacknowledged)
+PUBLISH_CHUNK = 250  # messages per sendall at burst
+BODY = (
+    b'{"v":2,"seq":%d,"msg_type":"telemetry","ts":"%s","device_type":"power_meter_dc",'
+    b'"data":{"voltage":%s,"current":120.5,"power":90360.0,"energy":1234.5}}'
+)
+VOLTAGES = [b"%.1f" % (750.0 + k) for k in range(7)]
 
 
-def publish(url: str, count: int, qos: int, rate: float, prefix: str, devices: int) -> None:
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = n >> 7, n & 0x7F
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _connect_packet(client_id: str) -> bytes:
+    cid = client_id.encode()
+    # protocol "MQTT" level 4, clean session, keepalive 60 s
+    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(cid).to_bytes(2, "big") + cid
+    return b"\x10" + _varint(len(body)) + body
+
+
+def _recv_exact(sock, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("broker closed the connection")
+        data += chunk
+    return data
+
+
+class _Acks(threading.Thread):
+    """Reads the broker's packets (PUBACKs; a PINGRESP); counts them, wakes the writer."""
+
+    def __init__(self, sock) -> None:
+        super().__init__(daemon=True)
+        self.sock = sock
+        self.acked = 0
+        self.pong = False
+        self.error: Exception | None = None
+        self.cond = threading.Condition()
+
+    def run(self) -> None:
+        buf = b""
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    raise ConnectionError("broker closed the connection")
+                buf += data
+                acked, pong, i = 0, False, 0
+                while len(buf) - i >= 2:
+                    kind, length, j = buf[i], 0, i + 1
+                    shift = 0
+                    while j < len(buf):
+                        length |= (buf[j] & 0x7F) << shift
+                        shift += 7
+                        j += 1
+                        if not buf[j - 1] & 0x80:
+                            break
+                    else:
+                        break
+                    if len(buf) < j + length:
+                        break
+                    if kind >> 4 == 4:
+                        acked += 1
+                    elif kind >> 4 == 13:
+                        pong = True
+                    i = j + length
+                buf = buf[i:]
+                if acked or pong:
+                    with self.cond:
+                        self.acked += acked
+                        self.pong = self.pong or pong
+                        self.cond.notify_all()
+        except (OSError, ConnectionError) as exc:
+            with self.cond:
+                self.error = exc
+                self.cond.notify_all()
+
+    def wait(self, predicate, timeout: float = 120) -> None:
+        with self.cond:
+            if not self.cond.wait_for(lambda: predicate() or self.error, timeout):
+                raise TimeoutError("the broker did not acknowledge in time")
+            if self.error and not predicate():
+                raise self.error
+
+
+def publish(url: str, count: int, qos: int, rate: float, prefix: str, devices: int) -> dict:
+    """Publish `count` meter-v2 telemetry messages, `ts` = the time each was sent (ms)."""
+    import resource
+    import socket
 
     u = urlparse(url)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{uuid.uuid4().hex[:6]}")
-    client.max_inflight_messages_set(2000)
-    client.max_queued_messages_set(0)
-    client.connect(u.hostname, u.port)
-    client.loop_start()
+    sock = socket.create_connection((u.hostname, u.port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.sendall(_connect_packet(f"bench-pub-{uuid.uuid4().hex[:8]}"))
+    connack = _recv_exact(sock, 4)
+    if connack[0] != 0x20 or connack[3] != 0:
+        raise ConnectionError(f"CONNACK refused: {connack!r}")
+    acks = _Acks(sock)
+    acks.start()
+
+    topics = [f"iot/{prefix}-{d}/telemetry".encode() for d in range(devices)]
+    topic_fields = [len(t).to_bytes(2, "big") + t for t in topics]
+    first_byte = bytes([0x30 | (qos << 1)])
     seqs = [0] * devices
-    start = time.perf_counter()
-    last = None
-    for i in range(count):
-        d = i % devices
-        seqs[d] += 1
-        body = {
-            "v": 2,
-            "seq": seqs[d],
-            "msg_type": "telemetry",
-            "ts": datetime.now(UTC).isoformat(),
-            "device_type": "power_meter_dc",
-            "data": {
-                "voltage": 750.0 + (i % 7),
-                "current": 120.5,
-                "power": 90360.0,
-                "energy": 1234.5,
-            },
-        }
-        last = client.publish(f"iot/{prefix}-{d}/telemetry", json.dumps(body), qos=qos)
+
+    def encode(lo: int, hi: int) -> bytes:
+        ts = datetime.now(UTC).isoformat().encode()
+        parts = []
+        for i in range(lo, hi):
+            d = i % devices
+            seqs[d] += 1
+            body = BODY % (seqs[d], ts, VOLTAGES[i % 7])
+            head = topic_fields[d]
+            if qos:
+                head += (i % 65535 + 1).to_bytes(2, "big")
+            parts += (first_byte, _varint(len(head) + len(body)), head, body)
+        return b"".join(parts)
+
+    def send(lo: int, hi: int) -> None:
+        if qos:
+            acks.wait(lambda: hi - acks.acked <= PUBLISH_WINDOW)
+        sock.sendall(encode(lo, hi))
+
+    start = time.time()
+    t0 = time.perf_counter()
+    sent = 0
+    while sent < count:
         if rate:
-            target = start + (i + 1) / rate
-            delay = target - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-        elif qos and i % 500 == 0:
-            last.wait_for_publish(30)
-    if last is not None:
-        last.wait_for_publish(60)
-    client.loop_stop()
-    client.disconnect()
+            due = min(count, int((time.perf_counter() - t0) * rate) + 1)
+            if due <= sent:
+                time.sleep(max(0.0, t0 + sent / rate - time.perf_counter()))
+                continue
+            hi = min(due, sent + PUBLISH_CHUNK)
+        else:
+            hi = min(count, sent + PUBLISH_CHUNK)
+        send(sent, hi)
+        sent = hi
+    if qos:
+        acks.wait(lambda: acks.acked >= count)
+    else:
+        sock.sendall(b"\xc0\x00")  # PINGREQ
+        acks.wait(lambda: acks.pong)
+    end = time.time()
+    sock.sendall(b"\xe0\x00")  # DISCONNECT
+    sock.close()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "count": count,
+        "qos": qos,
+        "start": start,
+        "end": end,
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+    }
 
 
-def spawn_publisher(url: str, count: int, qos: int, rate: float, prefix: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            __file__,
-            "--publish",
-            url,
-            str(count),
-            str(qos),
-            str(rate),
-            prefix,
-            str(DEVICES),
-        ],
-        cwd=ROOT,
-    )
+class Publisher:
+    """The publisher subprocess; `report()` waits for it and returns what it measured."""
+
+    def __init__(self, url: str, count: int, qos: int, rate: float, prefix: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--publish", url, str(count), str(qos), str(rate),
+             prefix, str(DEVICES)],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+
+    def report(self, timeout: float = 120) -> dict:
+        _, err = self.proc.communicate(timeout=timeout)
+        for line in err.decode(errors="replace").splitlines():
+            if line.startswith("publisher "):
+                return json.loads(line.split(" ", 1)[1])
+            log(line)
+        raise RuntimeError(f"the publisher failed (exit {self.proc.returncode})")
+
+    def started(self, report: dict) -> float:
+        """The first publish, on this process's perf_counter clock."""
+        return report["start"] - time.time() + time.perf_counter()
 
 
 # --- raw baseline ---------------------------------------------------------------------------
 
 
-def raw_rate(url: str, qos: int) -> float:
-    """Messages/s one plain paho subscriber receives for a burst of BURST messages."""
+def raw_rate(url: str, qos: int) -> tuple[float, float]:
+    """Messages/s one plain paho subscriber receives of a BURST, from the first publish; and the
+    rate the publisher alone sent (QoS 0) or had acknowledged (QoS 1)."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
     u = urlparse(url)
     prefix = f"raw{qos}"
     got = 0
-    first = last = 0.0
+    last = 0.0
     done = threading.Event()
 
     def on_message(client, userdata, msg):
-        nonlocal got, first, last
+        nonlocal got, last
         got += 1
         last = time.perf_counter()
-        if got == 1:
-            first = last
         if got == BURST:
             done.set()
 
@@ -137,15 +269,19 @@ def raw_rate(url: str, qos: int) -> float:
     sub.subscribe("iot/+/telemetry", qos=qos)
     sub.loop_start()
     time.sleep(0.5)
-    t0 = time.perf_counter()
-    pub = spawn_publisher(url, BURST, qos, 0, prefix)
+    pub = Publisher(url, BURST, qos, 0, prefix)
+    report = pub.report()
+    t0 = pub.started(report)
     done.wait(120)
-    pub.wait(120)
     sub.loop_stop()
     sub.disconnect()
     elapsed = (last - t0) if got else float("inf")
-    log(f"raw qos{qos}: {got}/{BURST} in {elapsed:.2f}s")
-    return got / elapsed
+    sent_rate = BURST / (report["end"] - report["start"])
+    log(
+        f"raw qos{qos}: {got}/{BURST} in {elapsed:.2f}s; publisher {sent_rate:.0f}/s, "
+        f"{report['cpu_s']:.2f} CPU-s"
+    )
+    return got / elapsed, sent_rate
 
 
 # --- the platform ---------------------------------------------------------------------------
@@ -266,10 +402,9 @@ def platform_run(mqtt_url: str, database_url: str, qos: int, watcher: CommitWatc
                 raise RuntimeError("a listener did not connect")
         time.sleep(0.5)  # SUBACK
         watcher.reset()
-        t0 = time.perf_counter()
-        pub = spawn_publisher(mqtt_url, BURST, qos, 0, f"{prefix}b")
+        pub = Publisher(mqtt_url, BURST, qos, 0, f"{prefix}b")
         last = watcher.wait_for(BURST, timeout=180)
-        pub.wait(60)
+        t0 = pub.started(pub.report(60))
         burst_rate = watcher.count / (last - t0)
         burst_count = watcher.count
         time.sleep(1)
@@ -281,12 +416,10 @@ def platform_run(mqtt_url: str, database_url: str, qos: int, watcher: CommitWatc
         if qos == 1:
             watcher.reset()
             cpu0 = sum(cpu_seconds(p.pid) for p in listeners)
-            t0 = time.perf_counter()
             n = STEADY_RATE * STEADY_SECONDS
-            pub = spawn_publisher(mqtt_url, n, qos, STEADY_RATE, f"{prefix}s")
+            pub = Publisher(mqtt_url, n, qos, STEADY_RATE, f"{prefix}s")
             watcher.wait_for(n, timeout=STEADY_SECONDS + 60)
-            pub.wait(60)
-            wall = time.perf_counter() - t0
+            wall = time.perf_counter() - pub.started(pub.report(60))
             cpu = sum(cpu_seconds(p.pid) for p in listeners) - cpu0
             steady = {
                 "steady_offered_per_s": STEADY_RATE,
@@ -310,8 +443,8 @@ def platform_run(mqtt_url: str, database_url: str, qos: int, watcher: CommitWatc
 
 def main() -> None:
     with mosquitto() as mqtt_url, postgres_database("bench_ingest") as database_url:
-        raw0 = raw_rate(mqtt_url, 0)
-        raw1 = raw_rate(mqtt_url, 1)
+        raw0, sent0 = raw_rate(mqtt_url, 0)
+        raw1, sent1 = raw_rate(mqtt_url, 1)
         env = platform_env(database_url)
         create_devices(env, ["q0b", "q1b", "q1s"])
         watcher = CommitWatcher(database_url)
@@ -324,6 +457,8 @@ def main() -> None:
             "listeners": LISTENERS,
             "devices": DEVICES,
             "burst": BURST,
+            "publisher_qos0_per_s": round(sent0),
+            "publisher_qos1_per_s": round(sent1),
             "raw_qos0_per_s": round(raw0),
             "raw_qos1_per_s": round(raw1),
             "qos0_committed_per_s": round(rate0),
@@ -343,6 +478,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.publish:
         url, count, qos, rate, prefix, devices = args.publish
-        publish(url, int(count), int(qos), float(rate), prefix, int(devices))
+        report = publish(url, int(count), int(qos), float(rate), prefix, int(devices))
+        print("publisher", json.dumps(report), file=sys.stderr, flush=True)
     else:
         main()
