@@ -68,6 +68,20 @@ class Result:
     logged: bool = True
 
 
+@dataclass(slots=True)
+class Progress:
+    """What a transport that claims for itself (database sinks) did, already recorded: one per
+    batch, reported to the drain loop like a `Result`. `idle`: it has stopped pulling."""
+
+    destination_id: int
+    rows: int = 0
+    delivered: int = 0
+    retried: int = 0
+    failed: int = 0
+    stale: int = 0
+    idle: bool = False
+
+
 @dataclass
 class Recorded:
     delivered: int = 0
@@ -178,6 +192,38 @@ def claim(
     return claimed
 
 
+def lock_due(destination_id: int, limit: int, now: datetime | None = None) -> list[Claimed]:
+    """Take up to `limit` due deliveries of one destination by locking them (PostgreSQL).
+
+    The batch kinds' claim: no lease is written. The rows stay `pending` and locked (`FOR
+    UPDATE SKIP LOCKED`, so other workers skip them) until the caller's transaction ends, which
+    must record their outcome with `record(results, token=None, ...)` before it commits: one
+    UPDATE per delivery instead of two (claim, then outcome), the larger part of a batch's cost
+    in the platform's database. Only for work bounded in time (a database batch is bounded by
+    its statement timeouts): the lock is held while the batch is written. If the worker dies,
+    its transaction rolls back and the rows are due again at once, with the same event ids.
+    """
+    if limit <= 0:
+        return []
+    now = now or timezone.now()
+    sql = f"""
+        SELECT id, owner_id, message_id, event_id, event_type, payload::text, attempts + 1
+        FROM {_table()}
+        WHERE destination_id = %s AND status = %s AND next_attempt_at <= %s
+        ORDER BY next_attempt_at, id
+        LIMIT %s
+        FOR UPDATE SKIP LOCKED
+    """  # noqa: S608 - table name from model meta, values bound
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [destination_id, Status.PENDING, now, limit])
+        rows = cursor.fetchall()
+    loads = orjson.loads
+    return [
+        Claimed(row[0], row[1], destination_id, row[2], row[3], row[4], loads(row[5]), row[6])
+        for row in rows
+    ]
+
+
 def reclaim_expired(now: datetime | None = None) -> int:
     """Put rows whose worker vanished (lease expired) back in line, and log the lost attempt."""
     now = now or timezone.now()
@@ -224,13 +270,17 @@ def _parse_time(value: Any) -> datetime | None:
 _UPDATE_CHUNK = 500
 
 
-def _update_leased(ids: list[int], token: str, values: dict[str, Any]) -> list[int]:
+def _update_leased(ids: list[int], token: str | None, values: dict[str, Any]) -> list[int]:
     """Set the outcome of rows still leased by `token`; returns the ids that were.
 
     One UPDATE … RETURNING with the lease condition in its WHERE clause: a row that was
     reclaimed meanwhile (someone else's now) is simply not matched. On PostgreSQL the ids go as
     one array parameter, so the statement text (and the driver's parse of it) never changes.
+    With `token=None` the rows are held by this transaction's locks (`lock_due`): no lease to
+    check, and the attempt is counted here rather than at the claim.
     """
+    if token is None:
+        return _update_locked(ids, values)
     table = _table()
     delivered_at, next_at = values.get("delivered_at"), values.get("next_attempt_at")
     head = [
@@ -265,11 +315,43 @@ def _update_leased(ids: list[int], token: str, values: dict[str, Any]) -> list[i
     return done
 
 
-def record(results: Iterable[Result], token: str, policies: dict[int, RetryPolicy]) -> Recorded:
+def _update_locked(ids: list[int], values: dict[str, Any]) -> list[int]:
+    """`_update_leased` for rows this transaction holds locked (PostgreSQL only)."""
+    delivered_at, next_at = values.get("delivered_at"), values.get("next_attempt_at")
+    sql = f"""
+        UPDATE {_table()}
+        SET status = %s, last_status_code = %s, last_error = %s, attempts = attempts + 1,
+            last_attempt_at = %s, delivered_at = COALESCE(%s, delivered_at),
+            next_attempt_at = COALESCE(%s, next_attempt_at)
+        WHERE id = ANY(%s) AND status = %s
+        RETURNING id
+    """  # noqa: S608 - table name from model meta, values bound
+    with connection.cursor() as cursor:
+        cursor.execute(
+            sql,
+            [
+                values["status"],
+                values["last_status_code"],
+                values["last_error"],
+                values["attempted_at"],
+                delivered_at,
+                next_at,
+                ids,
+                Status.PENDING,
+            ],
+        )
+        return [row[0] for row in cursor.fetchall()]
+
+
+def record(
+    results: Iterable[Result], token: str | None, policies: dict[int, RetryPolicy]
+) -> Recorded:
     """Write a batch of attempt results: delivery states, the attempt log, destination figures.
 
     One transaction, a handful of statements per batch whatever its size: rows are grouped by
-    the values they get (status code, error, retry time rounded to the second).
+    the values they get (status code, error, retry time rounded to the second). `token` is the
+    lease the rows were claimed under (`claim`), or None for rows this transaction holds
+    locked (`lock_due`).
     """
     now = timezone.now()
     summary = Recorded()
@@ -307,6 +389,7 @@ def record(results: Iterable[Result], token: str, policies: dict[int, RetryPolic
                 "last_error": error[:ERROR_MAX],
                 "delivered_at": now if status == Status.DELIVERED else None,
                 "next_attempt_at": due,
+                "attempted_at": min(r.started_at for r in members),
             }
             mine.update(_update_leased([r.delivery_id for r in members], token, values))
 

@@ -28,7 +28,7 @@ from django.db.models import OuterRef, Subquery
 from django.utils import timezone
 
 from . import actions, claims, kinds, pump, ratelimit
-from .claims import Result
+from .claims import Progress, Result
 from .kinds import TargetConfig
 from .models import Delivery, Destination, Status
 
@@ -82,6 +82,9 @@ class Drainer:
         self.configs: dict[int, TargetConfig] = {}
         self.loaded_at: dict[int, float] = {}
         self.drained: set[int] = set()
+        # Destinations whose transport claims for itself (`pulls`), kicked and not yet idle.
+        self.pulling: set[int] = set()
+        self.released = False
         self.pending: list[Result] = []
         self.last_record = time.monotonic()
         self.rotation = 0
@@ -108,9 +111,12 @@ class Drainer:
                     active = self._discover()
                     next_discovery = now + DISCOVERY_INTERVAL
                 claimed = self._claim(active) if claiming else 0
-                collected = self._collect(0.02 if self.total_in_flight else 0.0)
+                if not claiming:
+                    self._release()
+                busy = self.total_in_flight or self.pulling
+                collected = self._collect(0.02 if busy else 0.0)
                 self._maybe_record(force=not self.total_in_flight)
-                if claimed or collected or self.total_in_flight:
+                if claimed or collected or self.total_in_flight or self.pulling:
                     last_work = now
                     continue
                 if not claiming:
@@ -125,9 +131,10 @@ class Drainer:
 
     def _finish(self) -> None:
         """Stop claiming; wait for what is in flight (bounded by the longest lease) and record."""
+        self._release()
         longest = max((c.lease_seconds for c in self.configs.values()), default=0.0)
         deadline = time.monotonic() + longest
-        while self.total_in_flight and time.monotonic() < deadline:
+        while (self.total_in_flight or self.pulling) and time.monotonic() < deadline:
             self._collect(0.1)
             self._maybe_record(force=False)
         self._maybe_record(force=True)
@@ -171,6 +178,11 @@ class Drainer:
             if config is None or destination_id in self.drained:
                 continue  # disabled since the last discovery (410), or nothing left
             transport = kinds.transport(config.kind)
+            if getattr(transport, "pulls", False):
+                if destination_id not in self.pulling and transport.kick(config, self.pump.report):
+                    self.pulling.add(destination_id)
+                    total += 1
+                continue
             in_flight = self.in_flight[destination_id]
             free = transport.capacity(config, in_flight)
             # Claim in chunks, not one row per freed slot: fewer, larger statements.
@@ -206,12 +218,34 @@ class Drainer:
 
     def _collect(self, wait: float) -> int:
         """Run the transports' I/O for up to `wait` seconds; take the results that came in."""
-        results: list[Result] = self.pump.run(wait)
-        for result in results:
-            self.in_flight[result.destination_id] -= 1
+        taken: list[Result | Progress] = self.pump.run(wait)
+        results: list[Result] = []
+        for item in taken:
+            if isinstance(item, Progress):  # a self-claiming transport's batch, recorded
+                self.stats.claimed += item.rows
+                self.stats.delivered += item.delivered
+                self.stats.retried += item.retried
+                self.stats.failed += item.failed
+                self.stats.stale += item.stale
+                if item.idle:
+                    self.pulling.discard(item.destination_id)
+                    self.drained.add(item.destination_id)  # no new kick before rediscovery
+                continue
+            self.in_flight[item.destination_id] -= 1
+            results.append(item)
         self.total_in_flight -= len(results)
         self.pending.extend(results)
-        return len(results)
+        return len(taken)
+
+    def _release(self) -> None:
+        """Stop claiming: self-claiming transports finish their batch in hand, then idle."""
+        if self.released:
+            return
+        self.released = True
+        for destination_id in self.pulling:
+            config = self.configs.get(destination_id)
+            if config is not None:
+                kinds.transport(config.kind).release(destination_id)
 
     def _maybe_record(self, force: bool) -> None:
         if not self.pending:

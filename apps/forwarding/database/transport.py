@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,11 +33,13 @@ from types import ModuleType
 from typing import Any
 
 from django.conf import settings as django_settings
-from django.db import close_old_connections, connection
+from django.db import connection as db_connection
+from django.db import transaction
 from django.utils import timezone
 
-from ..claims import Claimed, Result
-from ..kinds import TargetConfig, TestResult
+from .. import claims, ratelimit
+from ..claims import Claimed, Progress, Result
+from ..kinds import KINDS, TargetConfig, TestResult
 from ..models import Outcome
 from . import actions, connection_test, mapping, mysql, postgres, writer
 from .base import (
@@ -158,32 +161,32 @@ class Session:
         self.renderer = mapping.Renderer([list(pair) for pair in settings.mapping])
 
 
-# --- the buffer and its thread ------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Item:
-    row: Claimed
-    report: Callable[[Result], None]  # the pipeline's; called through `_deliver`
+# --- a destination's writer thread ----------------------------------------------------------
 
 
 class Sink:
+    """A destination's writer thread in this worker process.
+
+    While kicked by a drain loop it pulls: claims a batch of due rows, writes it, records the
+    outcome, and again — at once after a full batch, one flush interval after a partial one —
+    until nothing is due, the loop releases it, or the destination is paused. Then it waits for
+    the next kick, keeping its connection for POOL_IDLE seconds.
+    """
+
     def __init__(self, transport: DatabaseTransport, destination_id: int) -> None:
         self.transport = transport
         self.destination_id = destination_id
         self.cond = threading.Condition()
-        self.items: list[_Item] = []
         self.config: TargetConfig | None = None
+        self.report: Report | None = None
+        self.pulling = False
         self.thread: threading.Thread | None = None
         self.closing = False
-        self.flushed_at = 0.0  # monotonic time the last batch was taken
 
-    def add(
-        self, config: TargetConfig, rows: list[Claimed], report: Callable[[Result], None]
-    ) -> None:
+    def kick(self, config: TargetConfig, report: Report) -> None:
         with self.cond:
-            self.config = config
-            self.items.extend(_Item(row, report) for row in rows)
+            self.config, self.report = config, report
+            self.pulling = True
             if self.thread is None:
                 self.thread = threading.Thread(
                     target=self._run, name=f"db-sink-{self.destination_id}", daemon=True
@@ -191,105 +194,89 @@ class Sink:
                 self.thread.start()
             self.cond.notify()
 
+    def release(self) -> None:
+        """Stop pulling after the batch in hand (the drain loop's budget is spent)."""
+        with self.cond:
+            self.pulling = False
+            self.cond.notify()
+
     def close(self) -> threading.Thread | None:
         with self.cond:
             self.closing = True
+            self.pulling = False
             self.cond.notify()
             return self.thread
 
-    def _take(self) -> tuple[TargetConfig, list[_Item]] | None:
-        """Wait for a batch: a full one at once; a partial one no sooner than one flush
-        interval after the previous batch. So a quiet destination's rows go out as they come,
-        and a busy one's are gathered into fewer, larger statements, none waiting longer than
-        the interval."""
+    def _wait_for_kick(self) -> tuple[TargetConfig, Report] | None:
         idle_since = time.monotonic()
         with self.cond:
             while True:
-                now = time.monotonic()
-                if self.items:
-                    config = self.config
-                    assert config is not None
-                    size = config.settings.batch_size
-                    wait = self.flushed_at + config.settings.flush_interval - now
-                    if len(self.items) >= size or wait <= 0 or self.closing:
-                        taken = self.items[:size]
-                        del self.items[:size]
-                        self.flushed_at = now
-                        return config, taken
-                    self.cond.wait(wait)
-                else:
-                    if self.closing or now - idle_since >= POOL_IDLE:
-                        self.thread = None
-                        return None
-                    self.cond.wait(POOL_IDLE - (now - idle_since))
+                if self.closing:
+                    self.thread = None
+                    return None
+                if self.pulling:
+                    assert self.config is not None and self.report is not None
+                    return self.config, self.report
+                waited = time.monotonic() - idle_since
+                if waited >= POOL_IDLE:
+                    self.thread = None
+                    return None
+                self.cond.wait(POOL_IDLE - waited)
 
-    def _take_all(self) -> list[_Item]:
+    def _rest(self, seconds: float) -> bool:
+        """Wait up to `seconds` (a flush interval); False if released or closed meanwhile."""
         with self.cond:
-            items, self.items = self.items, []
-            return items
+            if seconds > 0:
+                self.cond.wait_for(lambda: self.closing or not self.pulling, seconds)
+            return self.pulling and not self.closing
+
+    def _idle(self) -> None:
+        with self.cond:
+            self.pulling = False
 
     def _run(self) -> None:
         session = Session()
         try:
-            while (taken := self._take()) is not None:
-                config, items = taken
+            while (kicked := self._wait_for_kick()) is not None:
+                config, report = kicked
+                more = False
                 try:
-                    self.transport.flush(session, config, items, self)
+                    taken, more = self.transport.pull(session, config)
                 except Exception:
-                    # A bug must not strand rows: report them, the lease would do it late.
                     log.exception("database sink destination=%s", self.destination_id)
-                    _report_all(items, Outcome.RETRY, "Internal error", config)
+                    taken = None
+                    db_connection.close()  # whatever it was, start the next try afresh
+                    time.sleep(1.0)  # never a hot loop on a persistent fault
+                if more and taken is not None and taken.rows < config.settings.batch_size:
+                    # A partial batch: gather for one flush interval before the next claim.
+                    more = self._rest(config.settings.flush_interval)
+                elif more:
+                    more = self._rest(0)  # unless released meanwhile
+                if not more:
+                    self._idle()
+                _deliver_progress(
+                    report,
+                    taken or Progress(self.destination_id),
+                    idle=not more,
+                )
         finally:
             session.close()
-            connection.close()  # this thread's connection to the platform's database
+            db_connection.close()  # this thread's connection to the platform's database
 
 
-Report = Callable[[Result], None]
+Report = Callable[[Any], None]
 
 
-def _report_each(report: Report, results: list[Result]) -> None:
-    for result in results:
-        report(result)
-
-
-def _deliver(reports: list[tuple[Report, Result]]) -> None:
-    """Hand results to the pipeline from the sink's thread. The pipeline's pump takes them in
-    its event loop (`pump.Pump`): one thread-safe call per batch, not one per row — each such
-    call wakes the loop through its self-pipe, a system call."""
-    groups: dict[Report, list[Result]] = {}
-    for report, result in reports:
-        groups.setdefault(report, []).append(result)
-    for report, results in groups.items():
-        pump = getattr(report, "__self__", None)
-        loop = getattr(pump, "loop", None)
-        if loop is not None and hasattr(pump, "report_threadsafe"):
-            loop.call_soon_threadsafe(_report_each, report, results)
-        else:  # a plain callable (a queue's put): thread-safe itself
-            _report_each(report, results)
-
-
-def _report_all(
-    items: list[_Item], outcome: str, error: str, config: TargetConfig, duration_ms: int = 0
-) -> None:
-    started = timezone.now()
-    _deliver(
-        [
-            (
-                item.report,
-                Result(
-                    delivery_id=item.row.id,
-                    destination_id=config.destination_id,
-                    owner_id=item.row.owner_id,
-                    attempt=item.row.attempt,
-                    started_at=started,
-                    duration_ms=duration_ms,
-                    outcome=outcome,
-                    error=error,
-                ),
-            )
-            for item in items
-        ]
-    )
+def _deliver_progress(report: Report, progress: Progress, idle: bool) -> None:
+    """Tell the drain loop (through its pump, from this thread) what a batch came to."""
+    progress.idle = idle
+    pump = getattr(report, "__self__", None)
+    loop = getattr(pump, "loop", None)
+    if loop is not None and hasattr(pump, "report_threadsafe"):
+        with contextlib.suppress(RuntimeError):  # the loop was closed (worker shutting down)
+            loop.call_soon_threadsafe(report, progress)
+    else:  # a plain callable (a queue's put): thread-safe itself
+        report(progress)
 
 
 # --- the transport ------------------------------------------------------------------------------
@@ -314,6 +301,9 @@ class DatabaseTransport:
             self._lock = threading.Lock()
 
     # --- the pipeline's side (drain thread) ------------------------------------------------------
+
+    # Sinks claim their own rows (see `pull`): the drain loop kicks them instead of claiming.
+    pulls = True
 
     def load(self, destination_ids: Collection[int]) -> dict[int, TargetConfig]:
         self._forked()
@@ -355,37 +345,38 @@ class DatabaseTransport:
             version=destination.updated_at.timestamp(),
             policy=destination.retry_policy(),
             rate_limit=destination.rate_limit,
-            # Rows may wait in the buffer behind the batch being written, then be written.
-            lease_seconds=settings.flush_interval + 2 * WRITE_BOUND + margin,
+            # Leases are only used where rows cannot be held by a lock (SQLite): one batch.
+            lease_seconds=WRITE_BOUND + margin,
             settings=settings,
         )
 
     def capacity(self, config: TargetConfig, in_flight: int) -> int:
-        self._forked()
-        with self._lock:
-            health = self._health.setdefault(config.destination_id, Health())
-            if health.streak:
-                if in_flight or health.paused_until > time.time():
-                    return 0
-                # The pause is over: one probe row, if this process wins it.
-                health.paused_until = time.time() + config.lease_seconds
-        if health.streak:
-            if actions.claim_probe(config.destination_id, config.lease_seconds):
-                return 1
-            with self._lock:
-                health.paused_until = time.time() + 1.0  # another process probes; look again
-            return 0
-        return 2 * config.settings.batch_size - in_flight
+        return 0  # nothing is handed over: sinks claim for themselves
 
     def start(
         self, config: TargetConfig, rows: list[Claimed], report: Callable[[Result], None]
     ) -> None:
+        raise NotImplementedError("database sinks claim their own rows; use kick()")
+
+    def kick(self, config: TargetConfig, report: Report) -> bool:
+        """Have this destination's sink pull due rows until none are left. False while the
+        destination is paused after a failure (its next probe is due later)."""
         self._forked()
         with self._lock:
+            health = self._health.setdefault(config.destination_id, Health())
+            if health.streak and health.paused_until > time.time():
+                return False
             sink = self._sinks.get(config.destination_id)
             if sink is None:
                 sink = self._sinks[config.destination_id] = Sink(self, config.destination_id)
-        sink.add(config, rows, report)
+        sink.kick(config, report)
+        return True
+
+    def release(self, destination_id: int) -> None:
+        with self._lock:
+            sink = self._sinks.get(destination_id)
+        if sink is not None:
+            sink.release()
 
     def test(self, destination: DatabaseDestination) -> TestResult:
         return connection_test.run(destination)
@@ -403,35 +394,108 @@ class DatabaseTransport:
 
     # --- the sink thread's side ------------------------------------------------------------------
 
-    def flush(self, session: Session, config: TargetConfig, items: list[_Item], sink: Sink) -> None:
+    def _grant(self, config: TargetConfig) -> int:
+        """How many rows the next batch may take: the batch size, within the rate limits; one
+        probe row when a failing destination's pause is over; none while it is paused."""
+        health = self._health_of(config)
+        if health.streak:
+            if health.paused_until > time.time():
+                return 0
+            if not actions.claim_probe(config.destination_id, config.lease_seconds):
+                with self._lock:
+                    health.paused_until = time.time() + 1.0  # another process probes
+                return 0
+            return 1
+        wanted = config.settings.batch_size
+        scale = KINDS["database"].rate_scale
+        limit = django_settings.DELIVERY_DESTINATION_RATE * scale
+        if config.rate_limit:
+            limit = min(limit, config.rate_limit)
+        granted = ratelimit.take(f"d{config.destination_id}", wanted, limit)
+        if granted:
+            units = ratelimit.take(
+                f"o{config.owner_id}", -(-granted // scale), django_settings.DELIVERY_OWNER_RATE
+            )
+            granted = min(granted, units * scale)
+        return granted
+
+    def pull(self, session: Session, config: TargetConfig) -> tuple[Progress | None, bool]:
+        """Claim, write and record one batch. Returns what it came to (None: nothing was due)
+        and whether to go on pulling.
+
+        On PostgreSQL the rows are claimed by locking them for this transaction (`lock_due`),
+        and their outcome is written in the same transaction, after the owner's commit: one
+        update per delivery. If the worker dies in between, nothing was recorded and the rows
+        are due again at once (at-least-once: an upsert makes the repeat harmless). Elsewhere
+        (SQLite) rows are leased first, as webhooks are.
+        """
+        limit = self._grant(config)
+        if not limit:
+            return None, False
+        destination_id = config.destination_id
+        policies = {destination_id: config.policy}
+        if db_connection.vendor == "postgresql":
+            with transaction.atomic():
+                with db_connection.cursor() as cursor:
+                    # Only the workers' own bookkeeping: see claims.bookkeeping_without_fsync.
+                    cursor.execute("SET LOCAL synchronous_commit TO OFF")
+                rows = claims.lock_due(destination_id, limit)
+                if not rows:
+                    return None, False
+                results = self.flush(session, config, rows)
+                recorded = claims.record(results, None, policies)
+        else:
+            token = uuid.uuid4().hex
+            rows = claims.claim(destination_id, limit, token, config.lease_seconds)
+            if not rows:
+                return None, False
+            results = self.flush(session, config, rows)
+            recorded = claims.record(results, token, policies)
+        progress = Progress(
+            destination_id,
+            rows=len(rows),
+            delivered=recorded.delivered,
+            retried=recorded.retried,
+            failed=recorded.failed,
+            stale=recorded.stale,
+        )
+        return progress, not self._health_of(config).streak
+
+    def flush(self, session: Session, config: TargetConfig, rows: list[Claimed]) -> list[Result]:
+        """Write one batch to the owner's table; one `Result` per row."""
         started = timezone.now()
         t0 = time.perf_counter()
-        outcomes: list[tuple[str, str]] = [(Outcome.RETRY, "Internal error")] * len(items)
+        outcomes: list[tuple[str, str]] = [(Outcome.RETRY, "Internal error")] * len(rows)
         statements = 0
         failure: SinkError | None = None
-        for try_number in (1, 2):
-            reused = session.conn is not None
-            try:
-                reused = session.ready(config)
-                session.last_used = time.monotonic()
-                statements = self._write(session, config, items, outcomes)
-                failure = None
-                break
-            except SinkError as exc:
-                failure = exc
-                session.close()
-                # A pooled connection the server dropped while idle: one fresh try at once.
-                if not (try_number == 1 and reused and exc.kind is ErrorClass.NETWORK):
+        try:
+            for try_number in (1, 2):
+                reused = session.conn is not None
+                try:
+                    reused = session.ready(config)
+                    session.last_used = time.monotonic()
+                    statements = self._write(session, config, rows, outcomes)
+                    failure = None
                     break
+                except SinkError as exc:
+                    failure = exc
+                    session.close()
+                    # A pooled connection the server dropped while idle: one fresh try at once.
+                    if not (try_number == 1 and reused and exc.kind is ErrorClass.NETWORK):
+                        break
+        except Exception:
+            # A bug must not strand the rows: they are retried on the schedule.
+            log.exception("database destination=%s: writing a batch", config.destination_id)
+            session.close()
+            outcomes = [(Outcome.RETRY, "Internal error")] * len(rows)
         duration_ms = int((time.perf_counter() - t0) * 1000)
 
-        unsent: list[_Item] = []
         if failure is not None:
-            outcomes = [(Outcome.RETRY, failure.message)] * len(items)
+            outcomes = [(Outcome.RETRY, failure.message)] * len(rows)
             log.info(
                 "database destination=%s batch of %d failed (%s): %s",
                 config.destination_id,
-                len(items),
+                len(rows),
                 failure.kind.value,
                 failure.message,
             )
@@ -440,34 +504,23 @@ class DatabaseTransport:
                 health = self._health.setdefault(config.destination_id, Health())
                 health.streak += 1
                 health.paused_until = time.time() + pause
-            # Rows already claimed behind this batch would be a second attempt within the same
-            # back-off step: hand them back to the schedule untried.
-            unsent = sink._take_all()
 
-        # The batch log and health first: whoever sees these rows done sees their effects.
-        self._record(config, items, outcomes, failure, started, duration_ms, statements)
-        _deliver(
-            [
-                (
-                    item.report,
-                    Result(
-                        delivery_id=item.row.id,
-                        destination_id=config.destination_id,
-                        owner_id=item.row.owner_id,
-                        attempt=item.row.attempt,
-                        started_at=started,
-                        duration_ms=duration_ms,
-                        outcome=outcome,
-                        error=error,
-                        # Written rows are in the batch log; only failures get their own row.
-                        logged=outcome != Outcome.DELIVERED,
-                    ),
-                )
-                for item, (outcome, error) in zip(items, outcomes, strict=True)
-            ]
-        )
-        if unsent:
-            _report_all(unsent, Outcome.RETRY, "Not sent: the destination is failing", config)
+        self._record(config, rows, outcomes, failure, started, duration_ms, statements)
+        return [
+            Result(
+                delivery_id=row.id,
+                destination_id=config.destination_id,
+                owner_id=row.owner_id,
+                attempt=row.attempt,
+                started_at=started,
+                duration_ms=duration_ms,
+                outcome=outcome,
+                error=error,
+                # Written rows are in the batch log; only failures get their own row.
+                logged=outcome != Outcome.DELIVERED,
+            )
+            for row, (outcome, error) in zip(rows, outcomes, strict=True)
+        ]
 
     def _health_of(self, config: TargetConfig) -> Health:
         with self._lock:
@@ -477,7 +530,7 @@ class DatabaseTransport:
         self,
         session: Session,
         config: TargetConfig,
-        items: list[_Item],
+        claimed: list[Claimed],
         outcomes: list[tuple[str, str]],
     ) -> int:
         """Render, convert and write; fills `outcomes`; returns the statements used."""
@@ -489,8 +542,7 @@ class DatabaseTransport:
         indexes: list[int] = []
         latest: dict[tuple, int] = {}  # upsert: key -> position in rows
         key_positions = [target.columns.index(k) for k in target.key_columns]
-        for index, item in enumerate(items):
-            row = item.row
+        for index, row in enumerate(claimed):
             if row.owner_id != config.owner_id:
                 # Never another owner's event in this owner's database, whatever happened.
                 log.error(
@@ -536,60 +588,73 @@ class DatabaseTransport:
     def _record(
         self,
         config: TargetConfig,
-        items: list[_Item],
+        rows: list[Claimed],
         outcomes: list[tuple[str, str]],
         failure: SinkError | None,
         started: datetime,
         duration_ms: int,
         statements: int,
     ) -> None:
-        """The batch log and the destination's health, in the platform's database."""
+        """The batch log and the destination's health, in the platform's database. In a
+        savepoint: a failure here is logged and must not undo the batch's outcome."""
         try:
-            close_old_connections()
-            if failure is None:
-                if self._health_of(config).streak or config.settings.failure_streak:
-                    actions.batch_succeeded(config.destination_id)
-                    with self._lock:
-                        self._health[config.destination_id] = Health()
-            else:
-                until = actions.batch_failed(config.destination_id, failure, config.policy)
-                with self._lock:
-                    health = self._health.setdefault(config.destination_id, Health())
-                    health.paused_until = max(health.paused_until, until.timestamp())
-            delivered = sum(o == Outcome.DELIVERED for o, _e in outcomes)
-            rejected = sum(o == Outcome.FAILED for o, _e in outcomes)
-            retried = sum(o == Outcome.RETRY for o, _e in outcomes)
-            if failure is not None:
-                outcome = (
-                    BatchOutcome.ERROR
-                    if failure.kind is ErrorClass.DESTINATION
-                    else BatchOutcome.RETRY
+            with transaction.atomic():
+                self._record_batch(
+                    config, rows, outcomes, failure, started, duration_ms, statements
                 )
-            else:
-                outcome = BatchOutcome.PARTIAL if rejected or retried else BatchOutcome.WRITTEN
-            errors = [e for o, e in outcomes if o != Outcome.DELIVERED and e]
-            ids = [item.row.id for item in items]
-            actions.log_batch(
-                destination_id=config.destination_id,
-                owner_id=config.owner_id,
-                started_at=started,
-                duration_ms=duration_ms,
-                outcome=outcome,
-                rows=len(items),
-                written=delivered,
-                rejected=rejected,
-                retried=retried,
-                statements=statements,
-                first_delivery_id=min(ids),
-                last_delivery_id=max(ids),
-                error=failure.message if failure else (errors[0] if errors else ""),
-            )
-            now = time.monotonic()
-            if now - self._pruned_at > actions.PRUNE_EVERY:
-                self._pruned_at = now
-                actions.prune_batches()
         except Exception:
             log.exception("database destination=%s: recording the batch", config.destination_id)
+
+    def _record_batch(
+        self,
+        config: TargetConfig,
+        rows: list[Claimed],
+        outcomes: list[tuple[str, str]],
+        failure: SinkError | None,
+        started: datetime,
+        duration_ms: int,
+        statements: int,
+    ) -> None:
+        if failure is None:
+            if self._health_of(config).streak or config.settings.failure_streak:
+                actions.batch_succeeded(config.destination_id)
+                with self._lock:
+                    self._health[config.destination_id] = Health()
+        else:
+            until = actions.batch_failed(config.destination_id, failure, config.policy)
+            with self._lock:
+                health = self._health.setdefault(config.destination_id, Health())
+                health.paused_until = max(health.paused_until, until.timestamp())
+        delivered = sum(o == Outcome.DELIVERED for o, _e in outcomes)
+        rejected = sum(o == Outcome.FAILED for o, _e in outcomes)
+        retried = sum(o == Outcome.RETRY for o, _e in outcomes)
+        if failure is not None:
+            outcome = (
+                BatchOutcome.ERROR if failure.kind is ErrorClass.DESTINATION else BatchOutcome.RETRY
+            )
+        else:
+            outcome = BatchOutcome.PARTIAL if rejected or retried else BatchOutcome.WRITTEN
+        errors = [e for o, e in outcomes if o != Outcome.DELIVERED and e]
+        ids = [row.id for row in rows]
+        actions.log_batch(
+            destination_id=config.destination_id,
+            owner_id=config.owner_id,
+            started_at=started,
+            duration_ms=duration_ms,
+            outcome=outcome,
+            rows=len(rows),
+            written=delivered,
+            rejected=rejected,
+            retried=retried,
+            statements=statements,
+            first_delivery_id=min(ids),
+            last_delivery_id=max(ids),
+            error=failure.message if failure else (errors[0] if errors else ""),
+        )
+        now = time.monotonic()
+        if now - self._pruned_at > actions.PRUNE_EVERY:
+            self._pruned_at = now
+            actions.prune_batches()
 
 
 def _hashable(value: Any) -> Any:
