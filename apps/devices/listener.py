@@ -1,10 +1,12 @@
 """The MQTT listener: broker -> batches -> `ingest_batch` -> ack -> live pages.
 
-Threads: paho's network thread only appends messages to a bounded queue (so a slow database
-pushes back on the broker instead of growing memory); one writer thread takes batches of up to
+Threads: paho's network thread reads the socket in large chunks (`BatchingClient`) and only
+appends what each read brought, as one list, to a bounded inbox (so a slow database pushes back
+on the broker instead of growing memory); one writer thread takes batches of up to
 INGEST_BATCH_SIZE messages or INGEST_BATCH_MS milliseconds, commits them in one transaction and
-only then acknowledges their QoS 1 PUBLISHes (paho manual ack). A crash before the commit leaves
-the messages unacknowledged, and the broker sends them again to the persistent session.
+only then acknowledges their QoS 1 PUBLISHes (paho manual ack, one write for the batch). A crash
+before the commit leaves the messages unacknowledged, and the broker sends them again to the
+persistent session.
 
 Several copies can share the stream through `$share/<group>/…` (MQTT_SHARED_GROUP). The
 connection topics (LWT/status, retained) are subscribed without the share: brokers send no
@@ -16,10 +18,10 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -38,7 +40,7 @@ from .ingest import (
     mark_silent_devices_offline,
     quarantine_unstorable,
 )
-from .mqtt import mqtt_params, mqtt_protocol
+from .mqtt import BatchingClient, mqtt_params, mqtt_protocol
 
 log = logging.getLogger("apps.devices.listener")
 
@@ -52,6 +54,51 @@ class ListenerStats:
     batches: int = 0
     failed_batches: int = 0
     connects: int = 0
+
+
+class Inbox:
+    """Messages from the network thread to the writer, handed over a list at a time.
+
+    Bounded by `limit` messages (a list that arrives below the limit is taken whole). One lock
+    round per list, not per message: the network thread and the writer contend for the GIL
+    enough as it is.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: deque[InboundMessage] = deque()
+        self._cond = threading.Condition()
+
+    def put(self, items: list[InboundMessage], stop: threading.Event) -> bool:
+        """Append, waiting while full; False (nothing appended) once `stop` is set."""
+        with self._cond:
+            while len(self._items) >= self.limit:
+                if stop.is_set():
+                    return False
+                self._cond.wait(0.5)
+            self._items.extend(items)
+            self._cond.notify_all()
+        return True
+
+    def take(self, size: int, wait: float, fill: float) -> list[InboundMessage]:
+        """Up to `size` messages: waits up to `wait` s for the first, then up to `fill` s from
+        then on for the batch to fill."""
+        with self._cond:
+            if not self._items and not self._cond.wait_for(lambda: self._items, wait):
+                return []
+            deadline = time.monotonic() + fill
+            while len(self._items) < size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            items = self._items
+            batch = [items.popleft() for _ in range(min(size, len(items)))]
+            self._cond.notify_all()
+        return batch
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class Listener:
@@ -84,19 +131,19 @@ class Listener:
         self.publisher = publisher
         self.sweep_every = sweep_every
         self.stats = ListenerStats()
-        self._queue: queue.Queue[InboundMessage] = queue.Queue(maxsize=self.batch_size * 20)
+        self._inbox = Inbox(limit=self.batch_size * 20)
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._client = self._make_client()
 
     # --- MQTT side --------------------------------------------------------------------------
 
-    def _make_client(self) -> mqtt.Client:
+    def _make_client(self) -> BatchingClient:
         protocol = mqtt_protocol()
         kwargs = {}
         if protocol == mqtt.MQTTv311:
             kwargs["clean_session"] = False  # a persistent session keeps QoS 1 messages for us
-        client = mqtt.Client(
+        client = BatchingClient(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=protocol,
@@ -113,7 +160,7 @@ class Listener:
         client.reconnect_delay_set(min_delay=1, max_delay=15)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
+        client.on_messages = self._on_messages
         return client
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -143,45 +190,24 @@ class Listener:
         if not self._stop.is_set():
             log.warning("event=disconnected reason=%s (reconnecting)", reason_code)
 
-    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
-        self.stats.received += 1
-        item = InboundMessage(
-            topic=msg.topic,
-            payload=msg.payload,
-            received_at=datetime.now(UTC),
-            qos=msg.qos,
-            mid=msg.mid,
-            retained=bool(msg.retain),
-        )
+    def _on_messages(self, received: list[tuple[str, bytes, int, int, bool]]) -> None:
+        """What one read of the socket brought (network thread)."""
+        self.stats.received += len(received)
+        now = datetime.now(UTC)  # one read: the same millisecond
+        items = [
+            InboundMessage(
+                topic=topic, payload=payload, received_at=now, qos=qos, mid=mid, retained=retained
+            )
+            for topic, payload, qos, mid, retained in received
+        ]
         # Blocks while the writer is behind: paho stops reading and TCP pushes back on the
         # broker. Once stopping, an unacknowledged QoS 1 message is simply sent again later.
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
+        self._inbox.put(items, self._stop)
 
     # --- writer side ------------------------------------------------------------------------
 
     def _take_batch(self) -> list[InboundMessage]:
-        try:
-            first = self._queue.get(timeout=0.5)
-        except queue.Empty:
-            return []
-        batch = [first]
-        deadline = time.monotonic() + self.batch_ms / 1000
-        while len(batch) < self.batch_size:
-            remaining = deadline - time.monotonic()
-            try:
-                batch.append(
-                    self._queue.get(timeout=remaining)
-                    if remaining > 0
-                    else self._queue.get_nowait()
-                )
-            except queue.Empty:
-                break
-        return batch
+        return self._inbox.take(self.batch_size, wait=0.5, fill=self.batch_ms / 1000)
 
     def _commit(self, batch: list[InboundMessage]) -> None:
         """Ingest one batch, retrying while the database is unavailable. Never drops it."""
@@ -206,8 +232,9 @@ class Listener:
                 time.sleep(delay)
                 delay = min(delay * 2, 10)
         # Only now, after the commit, the broker may forget these messages.
+        self._client.ack_many([m.mid for m in batch if m.qos == 1])
         for m in batch:
-            if m.qos > 0:
+            if m.qos == 2:  # not subscribed for; a broker that sends it anyway gets PUBCOMP
                 self._client.ack(m.mid, m.qos)
         self.stats.batches += 1
         self.stats.stored += result.stored
@@ -258,7 +285,7 @@ class Listener:
                     self._publish(swept)
             if now - last_log >= 30:
                 last_log = now
-                log.info("event=stats %s queue=%d", self._stats_line(), self._queue.qsize())
+                log.info("event=stats %s queue=%d", self._stats_line(), len(self._inbox))
         db.connections.close_all()
 
     def _stats_line(self) -> str:
@@ -290,7 +317,7 @@ class Listener:
         self._stop.wait()
         # Drain: keep the connection so that the last batches can still be acknowledged.
         deadline = time.monotonic() + 10
-        while not self._queue.empty() and time.monotonic() < deadline:
+        while len(self._inbox) and time.monotonic() < deadline:
             time.sleep(0.05)
         writer.join(timeout=15)
         self._client.disconnect()

@@ -15,9 +15,12 @@ import paho.mqtt.client as mqtt
 import pytest
 from django.test import override_settings
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from apps.devices.listener import Listener
 from apps.devices.models import Connection, Device, Profile, QuarantinedMessage, Telemetry
+from apps.devices.mqtt import BatchingClient
 from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,8 +145,11 @@ def test_retained_connection_state_is_rebuilt_after_a_restart(
         pub.disconnect()
 
 
-def start_listener_process(broker, client_id: str) -> subprocess.Popen:
-    env = subprocess_env(MQTT_URL=broker.url, MQTT_PROTOCOL=broker.protocol, MQTT_SHARED_GROUP="")
+def start_listener_process(broker, client_id: str, group: str = "") -> subprocess.Popen:
+    env = subprocess_env(
+        MQTT_URL=broker.url, MQTT_PROTOCOL=broker.protocol, MQTT_SHARED_GROUP=group
+    )
+    env["LOG_LEVEL"] = "INFO"
     return subprocess.Popen(
         [
             sys.executable,
@@ -248,3 +254,116 @@ def test_sigterm_stops_the_listener_cleanly(mqtt_broker, transactional_db):
     rest = proc.stderr.read()
     assert b"event=stopped" in rest
     assert b"Traceback" not in b"".join(seen) + rest
+
+
+def _batching_subscriber(broker, client_id: str, topic: str, received: list) -> BatchingClient:
+    client = BatchingClient(
+        CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=True
+    )
+    client.on_messages = received.extend
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 300
+    client.connect(broker.host, broker.port, clean_start=False, properties=props)
+    client.subscribe(topic, qos=1)
+    client.loop_start()
+    return client
+
+
+def test_batching_client_hands_over_every_publish_and_acks_only_what_it_is_told(
+    private_mosquitto,
+):
+    """Many small messages (packets split across reads), one larger than a read, one with v5
+    properties (paho's own decoding), QoS 0 and 1, a retained one; then only the acknowledged
+    QoS 1 messages are gone from the session: the others come back after a reconnect."""
+    broker = private_mosquitto
+    uid = uuid.uuid4().hex[:6]
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bt-pub-{uid}", protocol=mqtt.MQTTv5)
+    pub.max_inflight_messages_set(1000)
+    pub.connect(broker.host, broker.port)
+    pub.loop_start()
+    pub.publish(f"bt/{uid}/retained", b"kept", qos=1, retain=True).wait_for_publish(10)
+
+    received: list = []
+    sub = _batching_subscriber(broker, f"bt-sub-{uid}", f"bt/{uid}/#", received)
+    wait_for(lambda: len(received) == 1)
+    assert received[0] == (f"bt/{uid}/retained", b"kept", 1, received[0][3], True)
+
+    expected = []
+    for i in range(1500):
+        topic, qos = f"bt/{uid}/small/{i % 7}", i % 2
+        expected.append((topic, str(i).encode() * 3, qos))
+    big = bytes(range(256)) * (300 * 1024 // 256)  # more than BatchingClient.READ_SIZE
+    expected.insert(700, (f"bt/{uid}/big", big, 1))
+    with_props = Properties(PacketTypes.PUBLISH)
+    with_props.UserProperty = ("k", "v")
+    expected.insert(900, (f"bt/{uid}/props", b"p", 1))
+    for topic, payload, qos in expected:
+        props = with_props if topic.endswith("/props") else None
+        info = pub.publish(topic, payload, qos=qos, properties=props)
+    info.wait_for_publish(30)
+    wait_for(lambda: len(received) == 1 + len(expected))
+    got = received[1:]
+    assert [(t, p, q) for t, p, q, _, _ in got] == expected  # one publisher: in order
+    assert not any(retained for *_, retained in got)
+
+    qos1 = [m for m in got if m[2] == 1]
+    acked = {m[3] for m in qos1[::2]}
+    sub.ack_many(sorted(acked))
+    time.sleep(0.5)  # the PUBACKs reach the broker before we drop the connection
+    sub.disconnect()
+    sub.loop_stop()
+
+    again: list = []
+    sub = _batching_subscriber(broker, f"bt-sub-{uid}", f"bt/{uid}/#", again)
+    expect_again = {(t, p) for t, p, q, mid, _ in qos1 if mid not in acked}
+    wait_for(lambda: len(again) >= len(expect_again) + 1)  # + the retained one, resent
+    time.sleep(0.5)
+    assert {(t, p) for t, p, *_ in again if not t.endswith("/retained")} == expect_again
+    sub.disconnect()
+    sub.loop_stop()
+    pub.publish(f"bt/{uid}/retained", b"", qos=1, retain=True).wait_for_publish(10)
+    pub.loop_stop()
+    pub.disconnect()
+
+
+def test_two_copies_behind_a_shared_subscription_store_each_message_once(
+    private_mosquitto, transactional_db, alice_owner
+):
+    broker = private_mosquitto
+    uid = uuid.uuid4().hex[:6]
+    meters = [
+        Device.objects.create(owner=alice_owner, device_id=f"m{n}-{uid}", profile=Profile.METER_V2)
+        for n in range(3)
+    ]
+    procs = [start_listener_process(broker, f"shared-{n}-{uid}", group=f"g{uid}") for n in (0, 1)]
+    try:
+        for proc in procs:
+            for line in proc.stderr:
+                if b"event=connected" in line:
+                    break
+        time.sleep(0.5)  # subscriptions granted
+        pub = publisher(broker)
+        total = 600
+        for seq in range(1, total // 3 + 1):
+            for meter in meters:
+                body = {"v": 2, "seq": seq, "msg_type": "telemetry", "data": {"power": 1.0}}
+                info = pub.publish(f"iot/{meter.device_id}/telemetry", json.dumps(body), qos=1)
+        info.wait_for_publish(30)
+        stored = Telemetry.objects.filter(device__in=meters)
+        wait_for(lambda: stored.count() >= total, timeout=60)
+        time.sleep(0.5)
+        assert stored.count() == total
+        for meter in meters:
+            seqs = sorted(stored.filter(device=meter).values_list("seq", flat=True))
+            assert seqs == list(range(1, total // 3 + 1))
+        pub.loop_stop()
+        pub.disconnect()
+    finally:
+        logs = []
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            logs.append(proc.communicate(timeout=30)[1].decode())
+    # Each copy took a share of the stream (the broker alternates between them).
+    shares = [int(log.split("event=stopped", 1)[1].split("stored=")[1].split()[0]) for log in logs]
+    assert sum(shares) == total
+    assert all(share > 0 for share in shares), shares
