@@ -9,6 +9,7 @@ shared subscription agree on state changes and on meter sequence numbers.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -137,11 +138,14 @@ class DeviceDirectory:
         from instances cached for INSTANCE_TTL: building a full model instance per message
         would cost more than the rest of the batch.
         """
-        qs = Device.objects.filter(pk__in=pks)
-        if lock:
-            qs = qs.select_for_update().order_by("pk")
+        if connection.vendor == "postgresql":
+            fresh = _load_state_pg(pks, lock)
+        else:
+            qs = Device.objects.filter(pk__in=pks)
+            if lock:
+                qs = qs.select_for_update().order_by("pk")
+            fresh = {row[0]: row[1:] for row in qs.values_list("pk", *LOAD_FIELDS)}
         now = time.monotonic()
-        fresh = {row[0]: row[1:] for row in qs.values_list("pk", *LOAD_FIELDS)}
         stale = [
             pk for pk in fresh if now - self._instances.get(pk, (None, -1e9))[1] > self.INSTANCE_TTL
         ]
@@ -164,6 +168,55 @@ class DeviceDirectory:
 
 
 _directory = DeviceDirectory()
+
+
+def _load_state_pg(pks: set[int], lock: bool) -> dict[int, tuple]:
+    """The LOAD_FIELDS of these devices, as `values_list` would give them, several times faster.
+
+    Django's queryset binds the ids client-side (one placeholder each, quoted in Python) and
+    loads timestamps and JSON through Python converters: with a few hundred devices per batch
+    that was a third of the batch's CPU. Here: one array parameter bound server-side, psycopg's
+    C timestamp loader, orjson for the JSON column.
+    """
+    import psycopg
+
+    meta = Device._meta
+    qn = connection.ops.quote_name
+    pk = qn(meta.pk.column)
+    columns = ", ".join(qn(meta.get_field(name).column) for name in LOAD_FIELDS)
+    sql = f"SELECT {pk}, {columns} FROM {qn(meta.db_table)} WHERE {pk} = ANY(%s)"  # noqa: S608
+    if lock:
+        sql += f" ORDER BY {pk} FOR UPDATE"
+    connection.ensure_connection()
+    with psycopg.Cursor(connection.connection) as cursor:
+        cursor.adapters.register_loader("timestamptz", _timestamptz_loader())
+        cursor.execute(sql, (sorted(pks),))
+        rows = cursor.fetchall()
+    fresh = {}
+    for row in rows:
+        values = list(row[1:])
+        for i in _JSON_COLUMNS:
+            if isinstance(values[i], str | bytes):
+                values[i] = orjson.loads(values[i])
+        fresh[row[0]] = tuple(values)
+    return fresh
+
+
+@functools.cache
+def _timestamptz_loader() -> type:
+    """psycopg's own (C) loader; Django registers a Python subclass on its connections."""
+    import psycopg
+
+    return psycopg.adapters.get_loader(
+        psycopg.postgres.types["timestamptz"].oid, psycopg.pq.Format.TEXT
+    )
+
+
+_JSON_COLUMNS = [
+    i
+    for i, name in enumerate(LOAD_FIELDS)
+    if Device._meta.get_field(name).get_internal_type() == "JSONField"
+]
 
 
 def ingest_batch(
