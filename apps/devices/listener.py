@@ -1,8 +1,9 @@
 """The MQTT listener: broker -> batches -> `ingest_batch` -> ack -> live pages.
 
-Threads: paho's network thread reads the socket in large chunks (`BatchingClient`) and only
-appends what each read brought, as one list, to a bounded inbox (so a slow database pushes back
-on the broker instead of growing memory); one writer thread takes batches of up to
+Threads: paho's network thread reads the socket in large chunks (`BatchingClient`), routes and
+parses what each read brought (no database: this overlaps the writer's waits for PostgreSQL) and
+appends it, as one list, to a bounded inbox (so a slow database pushes back on the broker
+instead of growing memory); one writer thread takes batches of up to
 INGEST_BATCH_SIZE messages or INGEST_BATCH_MS milliseconds, commits them in one transaction and
 only then acknowledges their QoS 1 PUBLISHes (paho manual ack, one write for the batch). A crash
 before the commit leaves the messages unacknowledged, and the broker sends them again to the
@@ -38,6 +39,7 @@ from .ingest import (
     InboundMessage,
     ingest_batch,
     mark_silent_devices_offline,
+    prepare,
     quarantine_unstorable,
 )
 from .mqtt import BatchingClient, mqtt_params, mqtt_protocol
@@ -61,44 +63,57 @@ class Inbox:
 
     Bounded by `limit` messages (a list that arrives below the limit is taken whole). One lock
     round per list, not per message: the network thread and the writer contend for the GIL
-    enough as it is.
+    enough as it is. Each list keeps the time it arrived, so that a batch waits to fill at most
+    `fill` seconds counted from its oldest message, not from when the writer got to it (messages
+    that arrived while the previous batch was being committed have waited already).
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._items: deque[InboundMessage] = deque()
+        self._chunks: deque[tuple[float, list[InboundMessage]]] = deque()
+        self._count = 0
         self._cond = threading.Condition()
 
     def put(self, items: list[InboundMessage], stop: threading.Event) -> bool:
         """Append, waiting while full; False (nothing appended) once `stop` is set."""
+        if not items:
+            return True
         with self._cond:
-            while len(self._items) >= self.limit:
+            while self._count >= self.limit:
                 if stop.is_set():
                     return False
                 self._cond.wait(0.5)
-            self._items.extend(items)
+            self._chunks.append((time.monotonic(), items))
+            self._count += len(items)
             self._cond.notify_all()
         return True
 
     def take(self, size: int, wait: float, fill: float) -> list[InboundMessage]:
-        """Up to `size` messages: waits up to `wait` s for the first, then up to `fill` s from
-        then on for the batch to fill."""
+        """Up to `size` messages: waits up to `wait` s for the first, then until `size` are
+        there or the oldest has waited `fill` s."""
         with self._cond:
-            if not self._items and not self._cond.wait_for(lambda: self._items, wait):
+            if not self._count and not self._cond.wait_for(lambda: self._count, wait):
                 return []
-            deadline = time.monotonic() + fill
-            while len(self._items) < size:
+            deadline = self._chunks[0][0] + fill
+            while self._count < size:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            items = self._items
-            batch = [items.popleft() for _ in range(min(size, len(items)))]
+            batch: list[InboundMessage] = []
+            while self._chunks and len(batch) < size:
+                arrived, items = self._chunks.popleft()
+                room = size - len(batch)
+                if len(items) > room:
+                    self._chunks.appendleft((arrived, items[room:]))
+                    items = items[:room]
+                batch += items
+            self._count -= len(batch)
             self._cond.notify_all()
         return batch
 
     def __len__(self) -> int:
-        return len(self._items)
+        return self._count
 
 
 class Listener:
@@ -200,6 +215,13 @@ class Listener:
             )
             for topic, payload, qos, mid, retained in received
         ]
+        # Routing and parsing need no database: done here, they overlap the writer's waits
+        # for PostgreSQL instead of adding to them. Anything unexpected is left to the writer.
+        try:
+            for item in items:
+                item.prepared = prepare(item)
+        except Exception:
+            log.exception("event=prepare_failed")
         # Blocks while the writer is behind: paho stops reading and TCP pushes back on the
         # broker. Once stopping, an unacknowledged QoS 1 message is simply sent again later.
         self._inbox.put(items, self._stop)

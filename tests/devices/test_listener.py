@@ -18,7 +18,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from apps.devices.listener import Listener
+from apps.devices.ingest import InboundMessage
+from apps.devices.listener import Inbox, Listener
 from apps.devices.models import Connection, Device, Profile, QuarantinedMessage, Telemetry
 from apps.devices.mqtt import BatchingClient
 from tests.conftest import subprocess_env
@@ -367,3 +368,21 @@ def test_two_copies_behind_a_shared_subscription_store_each_message_once(
     shares = [int(log.split("event=stopped", 1)[1].split("stored=")[1].split()[0]) for log in logs]
     assert sum(shares) == total
     assert all(share > 0 for share in shares), shares
+
+
+def test_inbox_hands_over_in_order_splits_lists_at_the_batch_size_and_pushes_back():
+    def messages(*names: str) -> list[InboundMessage]:
+        return [InboundMessage(topic=n, payload=b"", received_at=None) for n in names]
+
+    inbox, stop = Inbox(limit=6), threading.Event()
+    assert inbox.put(messages("a", "b", "c"), stop)
+    assert inbox.put(messages("d", "e", "f", "g"), stop)  # below the limit when it came
+    assert len(inbox) == 7
+    assert [m.topic for m in inbox.take(5, wait=0, fill=0)] == ["a", "b", "c", "d", "e"]
+    assert [m.topic for m in inbox.take(5, wait=0, fill=0)] == ["f", "g"]
+    assert inbox.take(5, wait=0, fill=0) == []
+
+    assert inbox.put(messages(*"hijklm"), stop)
+    stop.set()
+    assert not inbox.put(messages("late"), stop)  # full and stopping: left to the broker
+    assert len(inbox) == 6
