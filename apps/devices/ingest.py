@@ -77,6 +77,29 @@ class InboundMessage:
     qos: int = 0
     mid: int = 0
     retained: bool = False
+    # `prepare(self)`, when done ahead of the batch (by the listener's network thread).
+    prepared: Prepared | None = None
+
+
+# (profile name and device key the topic names, or None; profile name; what parsing gave;
+# the reason it was refused, or None)
+Prepared = tuple[tuple[str, str] | None, str, Parsed | None, Reject | None]
+
+
+def prepare(msg: InboundMessage) -> Prepared:
+    """Route and parse one message: no database, so it can be done outside the batch."""
+    where: tuple[str, str] | None = None
+    limit = settings.MQTT_MAX_PAYLOAD
+    try:
+        profile, key, channel = route(msg.topic)
+        where = (profile.name, key)
+        if len(msg.payload) > limit:
+            raise Reject(OVERSIZE, f"{len(msg.payload)} bytes > {limit}")
+        return where, profile.name, profile.parse(key, channel, msg.payload), None
+    except Reject as exc:
+        if len(msg.payload) > limit and exc.reason != OVERSIZE:
+            exc = Reject(OVERSIZE, f"{len(msg.payload)} bytes > {limit}")
+        return where, "", None, exc
 
 
 @dataclass(slots=True)
@@ -230,16 +253,10 @@ def ingest_batch(
     # Refused messages whose topic names a device: shown to that device's owner.
     attributable: list[tuple[QuarantinedMessage, tuple[str, str]]] = []
     for msg in messages:
-        where: tuple[str, str] | None = None
-        try:
-            profile, key, channel = route(msg.topic)
-            where = (profile.name, key)
-            if len(msg.payload) > settings.MQTT_MAX_PAYLOAD:
-                raise Reject(OVERSIZE, f"{len(msg.payload)} bytes > {settings.MQTT_MAX_PAYLOAD}")
-            accepted.append((msg, profile.name, profile.parse(key, channel, msg.payload)))
-        except Reject as exc:
-            if len(msg.payload) > settings.MQTT_MAX_PAYLOAD and exc.reason != OVERSIZE:
-                exc = Reject(OVERSIZE, f"{len(msg.payload)} bytes > {settings.MQTT_MAX_PAYLOAD}")
+        where, profile_name, parsed, exc = msg.prepared or prepare(msg)
+        if exc is None:
+            accepted.append((msg, profile_name, parsed))
+        else:
             row = _quarantine_row(msg, exc.reason, exc.detail)
             quarantine.append(row)
             if where:
@@ -439,10 +456,12 @@ COUNTERS = ["seq_gaps", "seq_missing", "seq_duplicates"]
 
 
 def _write_state(states: list[_DeviceState]) -> None:
-    """One parameterized UPDATE per device, sent as one executemany.
+    """One parameterized UPDATE per device, sent as one executemany, in key order.
 
-    `bulk_update` builds a CASE expression per field and row and costs milliseconds per device;
-    psycopg 3 pipelines executemany, SQLite runs it in C: both are two orders of magnitude faster.
+    `bulk_update` builds a CASE expression per field and row and costs milliseconds per device.
+    On PostgreSQL the statement is bound server-side (prepared once, values adapted in C, the
+    JSON columns by orjson) and pipelined; Django's cursor would quote every value of every row
+    in Python. Key order: listener copies updating the same devices never deadlock.
     """
     fields = [Device._meta.get_field(name) for name in STATE_FIELDS if name not in COUNTERS]
     qn = connection.ops.quote_name
@@ -450,6 +469,28 @@ def _write_state(states: list[_DeviceState]) -> None:
     assignments += [f"{qn(c)} = {qn(c)} + %s" for c in COUNTERS]
     table = qn(Device._meta.db_table)
     sql = f"UPDATE {table} SET {', '.join(assignments)} WHERE {qn('id')} = %s"  # noqa: S608
+    states = sorted(states, key=lambda st: st.device.pk)
+    if connection.vendor == "postgresql":
+        import psycopg
+        from psycopg.types.json import Jsonb
+
+        json_fields = {f.attname for f in fields if f.get_internal_type() == "JSONField"}
+        names = [f.attname for f in fields]
+        params = [
+            [
+                Jsonb(getattr(st.device, n), dumps=_json_text)
+                if n in json_fields
+                else getattr(st.device, n)
+                for n in names
+            ]
+            + [st.tracker.pending[c] for c in COUNTERS]
+            + [st.device.pk]
+            for st in states
+        ]
+        connection.ensure_connection()
+        with psycopg.Cursor(connection.connection) as cursor:
+            cursor.executemany(sql, params)
+        return
     params = [
         [f.get_db_prep_save(getattr(st.device, f.attname), connection) for f in fields]
         + [st.tracker.pending[c] for c in COUNTERS]
@@ -458,6 +499,10 @@ def _write_state(states: list[_DeviceState]) -> None:
     ]
     with connection.cursor() as cursor:
         cursor.executemany(sql, params)
+
+
+def _json_text(value: Any) -> str:
+    return orjson.dumps(value).decode()
 
 
 @dataclass(slots=True)
