@@ -402,15 +402,19 @@ def platform_run(mqtt_url: str, database_url: str, qos: int, watcher: CommitWatc
                 raise RuntimeError("a listener did not connect")
         time.sleep(0.5)  # SUBACK
         watcher.reset()
+        cpu0 = sum(cpu_seconds(p.pid) for p in listeners)
         pub = Publisher(mqtt_url, BURST, qos, 0, f"{prefix}b")
         last = watcher.wait_for(BURST, timeout=180)
         t0 = pub.started(pub.report(60))
         burst_rate = watcher.count / (last - t0)
-        burst_count = watcher.count
+        burst_cpu = (sum(cpu_seconds(p.pid) for p in listeners) - cpu0) / BURST * 1000
         time.sleep(1)
         watcher.poll()
         lost = BURST - watcher.count
-        log(f"platform qos{qos} burst: {watcher.count}/{BURST} at {burst_rate:.0f}/s")
+        log(
+            f"platform qos{qos} burst: {watcher.count}/{BURST} at {burst_rate:.0f}/s, "
+            f"listener {burst_cpu:.3f} CPU-s per 1,000"
+        )
 
         steady = {}
         if qos == 1:
@@ -430,7 +434,7 @@ def platform_run(mqtt_url: str, database_url: str, qos: int, watcher: CommitWatc
                 "listener_cores_at_1000_per_s": round(cpu / wall, 3),
             }
             log(f"platform steady: {steady}")
-        return burst_rate, burst_count, lost, steady
+        return burst_rate, burst_cpu, lost, steady
     finally:
         for p in listeners:
             p.send_signal(signal.SIGTERM)
@@ -448,8 +452,8 @@ def main() -> None:
         env = platform_env(database_url)
         create_devices(env, ["q0b", "q1b", "q1s"])
         watcher = CommitWatcher(database_url)
-        rate0, got0, lost0, _ = platform_run(mqtt_url, database_url, 0, watcher, "q0")
-        rate1, got1, lost1, steady = platform_run(mqtt_url, database_url, 1, watcher, "q1")
+        rate0, cpu0, lost0, _ = platform_run(mqtt_url, database_url, 0, watcher, "q0")
+        rate1, cpu1, lost1, steady = platform_run(mqtt_url, database_url, 1, watcher, "q1")
     emit(
         {
             "bench": "ingest",
@@ -465,6 +469,8 @@ def main() -> None:
             "qos1_committed_per_s": round(rate1),
             "qos0_ratio_to_raw": round(rate0 / raw0, 3),
             "qos1_ratio_to_raw": round(rate1 / raw1, 3),
+            "qos0_listener_cpu_s_per_1000": round(cpu0, 3),
+            "qos1_listener_cpu_s_per_1000": round(cpu1, 3),
             "qos0_lost": lost0,
             "qos1_lost": lost1,
             **steady,
