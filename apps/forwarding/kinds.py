@@ -1,10 +1,15 @@
 """The registry of delivery kinds: one outbox, one pipeline, one monitoring page; N kinds.
 
-A kind is a sub-package (`apps/forwarding/webhook/`, later `apps/forwarding/database/`) with a
-child model of `Destination` and a `Transport`. The pipeline (`pipeline.py`) only speaks this
-interface: it claims rows, hands them to the kind's transport, and records the `Result`s the
-transport reports. A webhook transport sends each row as its own concurrent request; a database
-transport would take a batch and write it in one statement — same interface.
+A kind is a sub-package (`apps/forwarding/webhook/`, `apps/forwarding/database/`) with a child
+model of `Destination` and a `Transport`. The pipeline (`pipeline.py`) only speaks this
+interface, in one of two ways:
+
+* it claims rows (under a lease), hands them to the transport (`capacity`, `start`), and records
+  the `Result`s the transport reports — webhooks: each row is its own concurrent request;
+* or, for a transport with `pulls = True`, it only `kick`s it while the destination has due
+  rows and `release`s it when its budget is spent; the transport claims, writes and records
+  batches itself and reports one `claims.Progress` per batch — database sinks, which hold a
+  batch by row locks for the length of one bounded write (one outbox update per row).
 
 Adding a kind: write the sub-package, then add one line to KINDS.
 """
@@ -59,6 +64,10 @@ class Transport(Protocol):
     ) -> None:
         """Begin sending without blocking; call `report` once per row, in the pump's loop
         (`pump.py`; a transport using threads reports through `Pump.report_threadsafe`)."""
+
+    # Self-claiming transports (`pulls = True`) implement these instead of capacity/start:
+    #   kick(config, report) -> bool   pull due rows until none are left; False while paused
+    #   release(destination_id)        stop after the batch in hand
 
     def test(self, destination: Model) -> TestResult:
         """Test Connection: blocking, bounded by the destination's timeout."""
