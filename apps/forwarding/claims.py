@@ -198,7 +198,8 @@ def _server_cursor() -> Any:
 
     Django's cursors bind on the client: psycopg then quotes every element of a 1,000-id array
     into the query text in Python. For the few hot statements of a batch, a plain cursor sends
-    the array in binary and PostgreSQL parses nothing but the constant statement text."""
+    the array in binary (with `%b` placeholders: psycopg's text array format escapes every
+    element with a regular expression) and PostgreSQL parses only the constant statement text."""
     connection.ensure_connection()
     cursor = psycopg.Cursor(connection.connection)
     cursor.format = psycopg.pq.Format.BINARY
@@ -222,9 +223,9 @@ def lock_due(destination_id: int, limit: int, now: datetime | None = None) -> li
     sql = f"""
         SELECT id, owner_id, message_id, event_id, event_type, payload::text, attempts + 1
         FROM {_table()}
-        WHERE destination_id = %s AND status = %s AND next_attempt_at <= %s
+        WHERE destination_id = %b AND status = %b AND next_attempt_at <= %b
         ORDER BY next_attempt_at, id
-        LIMIT %s
+        LIMIT %b
         FOR UPDATE SKIP LOCKED
     """  # noqa: S608 - table name from model meta, values bound
     with _server_cursor() as cursor:
@@ -333,10 +334,10 @@ def _update_locked(ids: list[int], values: dict[str, Any]) -> list[int]:
     delivered_at, next_at = values.get("delivered_at"), values.get("next_attempt_at")
     sql = f"""
         UPDATE {_table()}
-        SET status = %s, last_status_code = %s, last_error = %s, attempts = attempts + 1,
-            last_attempt_at = %s, delivered_at = COALESCE(%s, delivered_at),
-            next_attempt_at = COALESCE(%s, next_attempt_at)
-        WHERE id = ANY(%s) AND status = %s
+        SET status = %b, last_status_code = %b, last_error = %b, attempts = attempts + 1,
+            last_attempt_at = %b, delivered_at = COALESCE(%b, delivered_at),
+            next_attempt_at = COALESCE(%b, next_attempt_at)
+        WHERE id = ANY(%b) AND status = %b
         RETURNING id
     """  # noqa: S608 - table name from model meta, values bound
     with _server_cursor() as cursor:

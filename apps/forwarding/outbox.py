@@ -6,7 +6,7 @@ on the ingest hot path, hence:
 
 - the enabled destinations of an owner are cached for ROUTE_TTL seconds (one query per batch
   for owners not cached, none otherwise), so an owner without destinations costs a dict lookup;
-- rows are inserted in bulk;
+- rows are inserted in bulk (on PostgreSQL one statement of arrays per batch);
 - one Celery task per batch at most, after commit, and usually fewer: kicks are coalesced to
   one per second (a running delivery worker finds new rows by itself; see `pipeline.py`).
 
@@ -17,17 +17,22 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from typing import NamedTuple
 
-from django.db import transaction
+import orjson
+import psycopg
+from django.db import connection, transaction
 from django.utils import timezone
 
 from apps.devices.events import DeviceEvent
 
-from .models import Delivery, Destination
+from .models import Delivery, Destination, Status
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +100,16 @@ def message_id(destination_id: int, event_id: str) -> str:
     return "msg_" + base64.urlsafe_b64encode(digest).decode()
 
 
+class _Row(NamedTuple):
+    owner_id: int
+    destination_id: int
+    event_id: str
+    event_type: str
+    device: str
+    message_id: str
+    payload: dict
+
+
 def write_outbox(events: Sequence[DeviceEvent]) -> int:
     """Write one delivery per matching enabled destination, in the caller's transaction.
 
@@ -104,7 +119,7 @@ def write_outbox(events: Sequence[DeviceEvent]) -> int:
         return 0
     routes = routes_for({event.owner_id for event in events})
     now = timezone.now()
-    rows: list[Delivery] = []
+    rows: list[_Row] = []
     for event in events:
         payload = None
         for route in routes.get(event.owner_id, ()):
@@ -113,24 +128,73 @@ def write_outbox(events: Sequence[DeviceEvent]) -> int:
             if payload is None:
                 payload = event.as_payload()
             rows.append(
-                Delivery(
-                    owner_id=event.owner_id,
-                    destination_id=route.destination_id,
-                    event_id=event.event_id,
-                    event_type=event.type,
-                    device=event.device_id,
-                    message_id=message_id(route.destination_id, event.event_id),
-                    payload=payload,
-                    created_at=now,
-                    next_attempt_at=now,
+                _Row(
+                    event.owner_id,
+                    route.destination_id,
+                    event.event_id,
+                    event.type,
+                    event.device_id,
+                    message_id(route.destination_id, event.event_id),
+                    payload,
                 )
             )
     if not rows:
         return 0
-    # ignore_conflicts: an event already in the outbox (a re-run batch) must not fail ingest.
-    Delivery.objects.bulk_create(rows, batch_size=500, ignore_conflicts=True)
+    if connection.vendor == "postgresql":
+        _insert_postgres(rows, now)
+    else:
+        # ignore_conflicts: an event already in the outbox (a re-run batch) must not fail ingest.
+        Delivery.objects.bulk_create(
+            [Delivery(**row._asdict(), created_at=now, next_attempt_at=now) for row in rows],
+            batch_size=500,
+            ignore_conflicts=True,
+        )
     transaction.on_commit(_kick_after_commit, robust=True)
     return len(rows)
+
+
+# One statement of constant text whatever the batch: the columns as arrays, bound on the server
+# in binary (`%b`: psycopg's text array format escapes every element with a regex), unnested by
+# PostgreSQL. Django's bulk_create built a model instance per row and
+# quoted ~7,000 parameters per 500 rows in Python — the larger part of ingest's cost for an
+# owner with destinations. An event already in the outbox (a re-run batch) is skipped.
+_INSERT = f"""
+    INSERT INTO {Delivery._meta.db_table}
+        (owner_id, destination_id, event_id, event_type, device, message_id, payload,
+         created_at, next_attempt_at, status, attempts, last_error, replays)
+    SELECT o, d, e, t, dv, m, p::jsonb, %(now)b, %(now)b, %(status)b, 0, '', 0
+    FROM unnest(%(o)b::bigint[], %(d)b::bigint[], %(e)b::text[], %(t)b::text[],
+                %(dv)b::text[], %(m)b::text[], %(p)b::text[]) AS u(o, d, e, t, dv, m, p)
+    ON CONFLICT DO NOTHING
+"""  # noqa: S608 - table name from model meta, values bound
+
+
+def _insert_postgres(rows: list[_Row], now: datetime) -> None:
+    columns = list(zip(*rows, strict=True))
+    connection.ensure_connection()
+    with psycopg.Cursor(connection.connection) as cursor:
+        cursor.format = psycopg.pq.Format.BINARY
+        cursor.execute(
+            _INSERT,
+            {
+                "now": now,
+                "status": str(Status.PENDING),
+                "o": list(columns[0]),
+                "d": list(columns[1]),
+                "e": list(columns[2]),
+                "t": list(columns[3]),
+                "dv": list(columns[4]),
+                "m": list(columns[5]),
+                "p": [_dumps(p) for p in columns[6]],
+            },
+        )
+
+
+def _dumps(payload: dict) -> str:
+    try:
+        return orjson.dumps(payload).decode()
+    except TypeError:  # e.g. an integer beyond 64 bits: the standard library takes it
+        return json.dumps(payload)
 
 
 def _kick_after_commit() -> None:

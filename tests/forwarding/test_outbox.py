@@ -85,6 +85,24 @@ def test_an_event_seen_twice_is_one_delivery(receiver, alice_owner, alice_lamp) 
     assert delivery.message_id == message_id(hook.pk, event.event_id)
 
 
+def test_the_payload_is_stored_as_the_event_carries_it(receiver, alice_owner, alice_lamp) -> None:
+    make_webhook(alice_owner, receiver.url())
+    # Unicode, nesting, a float, and an integer beyond 64 bits (JSON allows it; orjson does not).
+    data = {"power": "ON", "note": "lampu teras ☀", "nested": {"v": [1, 2.5]}, "big": 2**70}
+    event = make_event(alice_lamp, data=data)
+    write_outbox([event])
+    delivery = Delivery.objects.get()
+    assert delivery.payload == event.as_payload()
+    assert delivery.payload["data"]["big"] == 2**70
+    assert (delivery.event_id, delivery.event_type, delivery.device) == (
+        event.event_id,
+        event.type,
+        event.device_id,
+    )
+    assert (delivery.status, delivery.attempts, delivery.last_error) == ("pending", 0, "")
+    assert delivery.next_attempt_at == delivery.created_at
+
+
 def test_message_ids_are_per_destination_and_opaque() -> None:
     a, b = message_id(1, "tel_5"), message_id(2, "tel_5")
     assert a != b and a == message_id(1, "tel_5")
