@@ -140,16 +140,16 @@ def claim(
         sql = f"""
             WITH due AS (
                 SELECT id FROM {table}
-                WHERE destination_id = %s AND status = %s AND next_attempt_at <= %s
+                WHERE destination_id = %b AND status = %b AND next_attempt_at <= %b
                 ORDER BY next_attempt_at, id
-                LIMIT %s
+                LIMIT %b
                 FOR UPDATE SKIP LOCKED
             )
             UPDATE {table} AS d
-            SET status = %s, attempts = d.attempts + 1, lease_token = %s,
-                lease_expires_at = %s, last_attempt_at = %s
+            SET status = %b, attempts = d.attempts + 1, lease_token = %b,
+                lease_expires_at = %b, last_attempt_at = %b
             FROM due WHERE d.id = due.id
-            RETURNING d.id, d.owner_id, d.message_id, d.event_id, d.event_type, d.payload,
+            RETURNING d.id, d.owner_id, d.message_id, d.event_id, d.event_type, d.payload::text,
                       d.attempts
         """  # noqa: S608 - table name from model meta, values bound
     else:
@@ -166,16 +166,16 @@ def claim(
             RETURNING id, owner_id, message_id, event_id, event_type, payload, attempts
         """  # noqa: S608
     lease_until = _db_time(now + timedelta(seconds=lease_seconds))
-    select_params = [destination_id, Status.PENDING, _db_time(now), limit]
-    update_params = [Status.SENDING, token, lease_until, _db_time(now)]
-    params = (
-        select_params + update_params
-        if connection.vendor == "postgresql"
-        else update_params + select_params
-    )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        rows = cursor.fetchall()
+    select_params = [destination_id, str(Status.PENDING), _db_time(now), limit]
+    update_params = [str(Status.SENDING), token, lease_until, _db_time(now)]
+    if connection.vendor == "postgresql":
+        with _server_cursor() as cursor:
+            cursor.execute(sql, select_params + update_params)
+            rows = cursor.fetchall()
+    else:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, update_params + select_params)
+            rows = cursor.fetchall()
     claimed = [
         Claimed(
             id=row[0],
@@ -311,13 +311,15 @@ def _update_leased(ids: list[int], token: str | None, values: dict[str, Any]) ->
             next_attempt_at = COALESCE(%s, next_attempt_at)
     """  # noqa: S608 - table name from model meta, values bound
     done: list[int] = []
-    with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
+    if connection.vendor == "postgresql":
+        with _server_cursor() as cursor:
             cursor.execute(
-                setter + "WHERE id = ANY(%s) AND lease_token = %s AND status = %s RETURNING id",
-                [*head, ids, token, Status.SENDING],
+                setter.replace("%s", "%b")
+                + "WHERE id = ANY(%b) AND lease_token = %b AND status = %b RETURNING id",
+                [str(head[0]), *head[1:], ids, token, str(Status.SENDING)],
             )
             return [row[0] for row in cursor.fetchall()]
+    with connection.cursor() as cursor:
         for start in range(0, len(ids), _UPDATE_CHUNK):
             chunk = ids[start : start + _UPDATE_CHUNK]
             marks = ", ".join(["%s"] * len(chunk))
@@ -429,8 +431,8 @@ _ATTEMPT_COLUMNS = (
 
 
 _UNNEST_TYPES = (
-    "%s::bigint[], %s::bigint[], %s::bigint[], %s::smallint[], %s::timestamptz[], "
-    "%s::integer[], %s::text[], %s::smallint[], %s::text[], %s::text[]"
+    "%b::bigint[], %b::bigint[], %b::bigint[], %b::smallint[], %b::timestamptz[], "
+    "%b::integer[], %b::text[], %b::smallint[], %b::text[], %b::text[]"
 )
 
 
@@ -458,16 +460,18 @@ def _insert_attempts(results: list[Result]) -> None:
         )
         for r in results
     ]
-    with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            # One statement of ten array parameters, whatever the number of rows.
-            arrays = [list(column) for column in zip(*rows, strict=True)]
+    if connection.vendor == "postgresql":
+        # One statement of ten array parameters, whatever the number of rows.
+        arrays = [list(column) for column in zip(*rows, strict=True)]
+        arrays[6] = [str(outcome) for outcome in arrays[6]]  # plain str for the binary dumper
+        with _server_cursor() as cursor:
             cursor.execute(
                 f"INSERT INTO {table} ({columns}) SELECT * FROM unnest({_UNNEST_TYPES})",  # noqa: S608
                 arrays,
             )
-        else:
-            cursor.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)  # noqa: S608
+        return
+    with connection.cursor() as cursor:
+        cursor.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)  # noqa: S608
 
 
 def _update_destinations(kept: list[Result], now: datetime, summary: Recorded) -> None:
