@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -398,12 +399,20 @@ def _insert_telemetry(rows: list[_Row]) -> int:
             f"{qn(meta.get_field(n).column)} {t}" for n, t in zip(names, types, strict=True)
         )
         connection.ensure_connection()
-        with psycopg.Cursor(connection.connection) as cursor:
-            cursor.execute(
-                f"CREATE TEMP TABLE IF NOT EXISTS ingest_rows (n int, {typed}) "
-                "ON COMMIT DELETE ROWS"
-            )
-            cursor.execute("DELETE FROM ingest_rows")  # when called inside an outer transaction
+        raw = connection.connection
+        with psycopg.Cursor(raw) as cursor:
+            # Each statement is a round trip, and round trips are what a batch waits for when
+            # the machine is busy: the table is created once per session (known to exist once
+            # a transaction that created it has committed), and emptied only when the caller's
+            # transaction encloses ours (ON COMMIT DELETE ROWS does it otherwise).
+            if raw not in _scratch_sessions:
+                cursor.execute(
+                    f"CREATE TEMP TABLE IF NOT EXISTS ingest_rows (n int, {typed}) "
+                    "ON COMMIT DELETE ROWS"
+                )
+                transaction.on_commit(lambda: _scratch_sessions.add(raw))
+            if connection.savepoint_ids or not connection.commit_on_exit:
+                cursor.execute("DELETE FROM ingest_rows")
             with cursor.copy(f"COPY ingest_rows (n, {columns}) FROM STDIN") as copy:
                 for n, (r, payload) in enumerate(zip(rows, payloads, strict=True)):
                     copy.write_row(
@@ -448,6 +457,10 @@ def _insert_telemetry(rows: list[_Row]) -> int:
                 found = cursor.fetchone()
                 row.pk = found[0] if found else None
     return sum(1 for r in rows if r.pk is not None)
+
+
+# Database sessions (psycopg connections) that have the ingest_rows scratch table.
+_scratch_sessions: weakref.WeakSet = weakref.WeakSet()
 
 
 # Absolute state written from the batch's view of the device; counters are added, so that
