@@ -43,6 +43,9 @@ BURST = 4000 if SMALL else 20000
 STEADY_RATE = 1000
 STEADY_SECONDS = 5 if SMALL else 20
 LISTENERS = int(os.environ.get("BENCH_LISTENERS", "1"))
+# BENCH_STEADY_COLD=1: the steady phase's meters speak for the first time in it (as before
+# earlier figures) instead of once each beforehand.
+STEADY_COLD = os.environ.get("BENCH_STEADY_COLD") == "1"
 
 
 # --- publisher (a subprocess: it does not share our GIL) -------------------------------------
@@ -147,8 +150,11 @@ class _Acks(threading.Thread):
                 raise self.error
 
 
-def publish(url: str, count: int, qos: int, rate: float, prefix: str, devices: int) -> dict:
-    """Publish `count` meter-v2 telemetry messages, `ts` = the time each was sent (ms)."""
+def publish(
+    url: str, count: int, qos: int, rate: float, prefix: str, devices: int, first_seq: int = 1
+) -> dict:
+    """Publish `count` meter-v2 telemetry messages, `ts` = the time each was sent (ms), to
+    `devices` meters in turn, each meter's `seq` counting from `first_seq`."""
     import resource
     import socket
 
@@ -165,7 +171,7 @@ def publish(url: str, count: int, qos: int, rate: float, prefix: str, devices: i
     topics = [f"iot/{prefix}-{d}/telemetry".encode() for d in range(devices)]
     topic_fields = [len(t).to_bytes(2, "big") + t for t in topics]
     first_byte = bytes([0x30 | (qos << 1)])
-    seqs = [0] * devices
+    seqs = [first_seq - 1] * devices
 
     def encode(lo: int, hi: int) -> bytes:
         ts = datetime.now(UTC).isoformat().encode()
@@ -220,10 +226,12 @@ def publish(url: str, count: int, qos: int, rate: float, prefix: str, devices: i
 class Publisher:
     """The publisher subprocess; `report()` waits for it and returns what it measured."""
 
-    def __init__(self, url: str, count: int, qos: int, rate: float, prefix: str) -> None:
+    def __init__(
+        self, url: str, count: int, qos: int, rate: float, prefix: str, first_seq: int = 1
+    ) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--publish", url, str(count), str(qos), str(rate),
-             prefix, str(DEVICES)],
+             prefix, str(DEVICES), str(first_seq)],
             cwd=ROOT,
             stderr=subprocess.PIPE,
         )  # fmt: skip
@@ -418,10 +426,19 @@ def platform_run(mqtt_url: str, database_url: str, qos: int, watcher: CommitWatc
 
         steady = {}
         if qos == 1:
+            first_seq = 1
+            if not STEADY_COLD:
+                # A running fleet: every meter has spoken before. A meter's first message ever
+                # costs more (a connection transition, its device type written, its row and
+                # instance loaded): a thousand of them at once is not the steady state.
+                watcher.reset()
+                Publisher(mqtt_url, DEVICES, qos, STEADY_RATE, f"{prefix}s").report(60)
+                watcher.wait_for(DEVICES, timeout=60)
+                first_seq = 2
             watcher.reset()
             cpu0 = sum(cpu_seconds(p.pid) for p in listeners)
             n = STEADY_RATE * STEADY_SECONDS
-            pub = Publisher(mqtt_url, n, qos, STEADY_RATE, f"{prefix}s")
+            pub = Publisher(mqtt_url, n, qos, STEADY_RATE, f"{prefix}s", first_seq)
             watcher.wait_for(n, timeout=STEADY_SECONDS + 60)
             wall = time.perf_counter() - pub.started(pub.report(60))
             cpu = sum(cpu_seconds(p.pid) for p in listeners) - cpu0
@@ -458,6 +475,7 @@ def main() -> None:
         {
             "bench": "ingest",
             "small": SMALL,
+            "steady_cold": STEADY_COLD,
             "listeners": LISTENERS,
             "devices": DEVICES,
             "burst": BURST,
@@ -480,11 +498,14 @@ def main() -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--publish", nargs=6)
+    # url count qos rate prefix devices [first_seq] (bench-dbsink and bench-webhooks use it too)
+    parser.add_argument("--publish", nargs="+")
     args = parser.parse_args()
     if args.publish:
-        url, count, qos, rate, prefix, devices = args.publish
-        report = publish(url, int(count), int(qos), float(rate), prefix, int(devices))
+        url, count, qos, rate, prefix, devices, *first_seq = args.publish
+        report = publish(
+            url, int(count), int(qos), float(rate), prefix, int(devices), int(*first_seq or [1])
+        )
         print("publisher", json.dumps(report), file=sys.stderr, flush=True)
     else:
         main()
