@@ -87,10 +87,14 @@ class InboundMessage:
 Prepared = tuple[tuple[str, str] | None, str, Parsed | None, Reject | None]
 
 
-def prepare(msg: InboundMessage) -> Prepared:
-    """Route and parse one message: no database, so it can be done outside the batch."""
+def prepare(msg: InboundMessage, limit: int | None = None) -> Prepared:
+    """Route and parse one message: no database, so it can be done outside the batch.
+
+    `limit`: settings.MQTT_MAX_PAYLOAD, read once by a caller preparing many messages.
+    """
     where: tuple[str, str] | None = None
-    limit = settings.MQTT_MAX_PAYLOAD
+    if limit is None:
+        limit = settings.MQTT_MAX_PAYLOAD
     try:
         profile, key, channel = route(msg.topic)
         where = (profile.name, key)
@@ -253,8 +257,9 @@ def ingest_batch(
 
     # Refused messages whose topic names a device: shown to that device's owner.
     attributable: list[tuple[QuarantinedMessage, tuple[str, str]]] = []
+    limit = settings.MQTT_MAX_PAYLOAD
     for msg in messages:
-        where, profile_name, parsed, exc = msg.prepared or prepare(msg)
+        where, profile_name, parsed, exc = msg.prepared or prepare(msg, limit)
         if exc is None:
             accepted.append((msg, profile_name, parsed))
         else:
@@ -373,9 +378,8 @@ def _insert_telemetry(rows: list[_Row]) -> int:
     A (device, boot, seq) the table already holds is skipped by the database, which makes a
     redelivered meter message a no-op whichever listener copy receives it.
 
-    PostgreSQL: one statement for the whole batch, its columns passed as nine arrays
-    (`unnest`), so the query text stays short whatever the batch size and psycopg adapts the
-    values in C. Rows come back in insertion order (as Django's bulk_create also relies on);
+    PostgreSQL: the rows are COPied into a per-session scratch table, then one INSERT … SELECT
+    moves them. Rows come back in insertion order (as Django's bulk_create also relies on);
     sequenced rows are matched by their key, the others by that order. SQLite runs in-process,
     where a loop of one cached statement is just as fast and needs no matching.
     """

@@ -218,8 +218,9 @@ class Listener:
         # Routing and parsing need no database: done here, they overlap the writer's waits
         # for PostgreSQL instead of adding to them. Anything unexpected is left to the writer.
         try:
+            limit = settings.MQTT_MAX_PAYLOAD
             for item in items:
-                item.prepared = prepare(item)
+                item.prepared = prepare(item, limit)
         except Exception:
             log.exception("event=prepare_failed")
         # Blocks while the writer is behind: paho stops reading and TCP pushes back on the
