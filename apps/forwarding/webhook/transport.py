@@ -1,37 +1,55 @@
-"""Sending webhooks: one asyncio loop per worker process, a keep-alive pool per destination.
+"""Sending webhooks: libcurl's multi interface (pycurl) on the worker's `pump` loop.
 
-Why asyncio (aiohttp) and not a thread pool of `requests`: on this machine class aiohttp with a
-few dozen connections signs and posts ~7k requests/s, `requests` ~1.2k (FACTS.md); the
-acceptance bar is 3,000 signed deliveries/s end to end. Requests run on the worker process's
-`pump` loop, which the drain loop drives between its database steps (see `pump.py` for why not
-a background thread); the loop and its sessions live across Celery tasks, so connections stay
-alive between them.
+Why libcurl and not aiohttp: the drain loop's CPU per delivery is the platform's throughput
+limit, and about two thirds of it was aiohttp's per-request Python work (building the request,
+the stream reader, a timer per request). libcurl does the HTTP/1.1 work in C; what is left in
+Python per request is a few `setopt`s, the signature, one write and one header callback and the
+result (docs/performance.md, "Webhooks": in-process CPU per delivery before/after).
 
-Per destination: its own ClientSession whose connector is limited to the destination's
-in-flight cap, uses the egress guard's resolver and socket factory (the address connected to is
-the address checked), sends no cookies, ignores proxy variables, and never follows redirects.
-Each request has a total deadline (connect + send + the whole response, so a receiver that
-trickles its body byte by byte is cut off too). A hanging receiver therefore ties up at most
-`max_in_flight` coroutines of its own destination for `timeout` seconds, nothing else.
+One `CurlMulti` per worker process, driven by the pump's asyncio loop (`pump.py`): libcurl says
+which sockets to watch (CURLMOPT_SOCKETFUNCTION: they go into a private epoll set, whose one
+descriptor the loop watches) and when to wake it (CURLMOPT_TIMERFUNCTION: a loop timer), and we
+call `socket_action`. No thread: the drain loop runs this loop between its database steps, as
+before, and results reach `report` on the loop's own thread. Connections stay alive in the
+multi's cache between requests and between Celery tasks (HTTP/1.1; at most `max_in_flight`
+requests of a destination at once, which the pipeline enforces through `capacity()`).
+
+Safety, per request:
+- egress guard when connecting: host names are resolved here through the guard's seam
+  (`egress._getaddrinfo`, cached DNS_TTL seconds), refused addresses dropped, the allowed ones
+  pinned with CURLOPT_RESOLVE; and CURLOPT_OPENSOCKETFUNCTION checks every address libcurl is
+  about to connect to (IP literals and decimal/hex/octal forms included) and refuses with
+  CURL_SOCKET_BAD before any packet is sent. The owner sees only `egress.GENERIC_ERROR`; the
+  reason goes to the log;
+- http/https only, redirects never followed, no proxy from the environment, no cookie engine;
+- TLS verified against the system CA store (as Python's default SSL context), SNI from the URL;
+- a total deadline (CURLOPT_TIMEOUT_MS: connect, send and the whole response, so a receiver that
+  trickles its body byte by byte is cut off too): a hanging receiver ties up at most its own
+  destination's `max_in_flight` requests for `timeout` seconds, nothing else;
+- at most RESPONSE_READ_MAX bytes of a response are read (then the transfer is cut).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
+import os
 import secrets
+import select
 import socket
+import ssl
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
-import aiohttp
 import orjson
-from aiohttp.abc import AbstractResolver, ResolveResult
+import pycurl
 from django.utils import timezone
-from yarl import URL
 
 from .. import egress, pump, template
 from ..claims import Claimed, Result
@@ -48,6 +66,12 @@ USER_AGENT = "iotplatform-webhooks/1.0"
 RESPONSE_READ_MAX = 16 * 1024  # read at most this much of a response (the rest is dropped)
 RESPONSE_KEEP = 512  # characters kept in the attempt log
 LEASE_MARGIN_DEFAULT = 30.0
+CONNECT_TIMEOUT_MAX = 10  # seconds for DNS + TCP + TLS, within the destination's total deadline
+DNS_TTL = 10.0  # seconds a resolved (and checked) host name is reused
+IDLE_CONNECTIONS = 512  # keep-alive connections a worker process keeps open at most
+IDLE_SECONDS = 60  # an idle keep-alive connection older than this is not reused
+_VERIFY = ssl.get_default_verify_paths()
+_orphans: list[Any] = []  # a forked child's inherited multi: never cleaned up (see _Multi)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +79,7 @@ class WebhookSettings:
     name: str
     url: str
     host: str
+    port: int
     method: str
     timeout: int
     max_in_flight: int
@@ -85,98 +110,370 @@ def classify(status: int) -> tuple[str, str]:
     return Outcome.FAILED, "The receiver refused the delivery"
 
 
-class GuardedResolver(AbstractResolver):
-    """DNS through the egress guard's seam; drops refused addresses before any connect.
+def _excerpt(data: bytes | bytearray) -> str:
+    return bytes(data[: RESPONSE_KEEP * 4]).decode("utf-8", "replace")[:RESPONSE_KEEP]
 
-    The socket factory checks again on the address actually connected to (and covers IP
-    literals, which aiohttp does not resolve)."""
 
-    def __init__(self, context: str) -> None:
-        self.context = context
+def _retry_after(lines: list[bytes]) -> str | None:
+    """Retry-After of the final response (header lines as libcurl hands them over)."""
+    value = None
+    for line in lines:
+        if line.startswith(b"HTTP/"):  # a new response (after a 1xx): start over
+            value = None
+        elif line[:12].lower() == b"retry-after:":
+            value = line[12:].strip().decode("latin-1")
+    return value
 
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        loop = asyncio.get_running_loop()
-        infos = await loop.run_in_executor(None, egress._getaddrinfo, host, port)
-        results: list[ResolveResult] = []
-        for fam, _type, proto, _canon, sockaddr in infos:
-            reason = egress.denial_reason(sockaddr[0], host)
-            if reason is not None:
-                log.warning(
-                    "egress refused %s host=%s address=%s: %s",
-                    self.context,
-                    host,
-                    sockaddr[0],
-                    reason,
-                )
-                continue
-            results.append(
-                ResolveResult(
-                    hostname=host,
-                    host=sockaddr[0],
-                    port=sockaddr[1],
-                    family=fam,
-                    proto=proto,
-                    flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
-                )
+
+def _ascii_url(url: str) -> tuple[str, str, int]:
+    """(URL in ASCII, host, port): libcurl is built without IDN support and pycurl takes ASCII
+    only, so a non-ASCII host becomes IDNA and a non-ASCII path or query UTF-8 %-escapes."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if not url.isascii():
+        if not host.isascii():
+            host = host.encode("idna").decode("ascii")
+            parts = parts._replace(netloc=host if parts.port is None else f"{host}:{parts.port}")
+        safe = "/%:@!$&'()*+,;=?~"
+        parts = parts._replace(
+            path=quote(parts.path, safe=safe), query=quote(parts.query, safe=safe), fragment=""
+        )
+        url = urlunsplit(parts)
+    return url, host, port
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _resolve(host: str, port: int, context: str) -> list[str]:
+    """Addresses of `host` the egress guard allows (blocking: run it in an executor)."""
+    try:
+        infos = egress._getaddrinfo(host, port)
+    except (OSError, UnicodeError) as exc:
+        log.info("webhook %s host=%s does not resolve: %r", context, host, exc)
+        return []
+    allowed = []
+    for address in dict.fromkeys(info[4][0] for info in infos):
+        reason = egress.denial_reason(address, host)
+        if reason is None:
+            allowed.append(address)
+        else:
+            log.warning("egress refused %s host=%s address=%s: %s", context, host, address, reason)
+    return allowed
+
+
+def _pin(host: str, port: int, addresses: list[str]) -> list[str]:
+    """A CURLOPT_RESOLVE entry: libcurl connects to these addresses, and only these."""
+    listed = ",".join(f"[{a}]" if ":" in a else a for a in addresses)
+    return [f"{host}:{port}:{listed}"]
+
+
+class _Slot:
+    """One easy handle and the request it carries; reused for request after request (the
+    connections themselves live in the multi's cache, not in the handle)."""
+
+    __slots__ = (
+        "curl", "body", "headers", "overflow", "host", "context", "prepared", "pinned",
+        "row", "target", "report", "started", "t0",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.body = bytearray()
+        self.headers: list[bytes] = []
+        self.overflow = False
+        self.host = ""
+        self.context = ""
+        self.prepared: _Target | None = None  # what URL, method, deadlines are set for
+        self.pinned: list[str] | None = None  # the CURLOPT_RESOLVE entry set
+        self.row: Claimed | None = None
+        self.target: _Target | None = None
+        self.report: Callable[[Result], None] | None = None
+        self.started: datetime | None = None
+        self.t0 = 0.0
+        c = self.curl = pycurl.Curl()
+        c.setopt(pycurl.NOSIGNAL, 1)
+        c.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+        c.setopt(pycurl.REDIR_PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+        c.setopt(pycurl.FOLLOWLOCATION, 0)
+        c.setopt(pycurl.PROXY, "")  # HTTP(S)_PROXY must not reroute owners' traffic
+        c.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
+        c.setopt(pycurl.SSL_VERIFYPEER, 1)
+        c.setopt(pycurl.SSL_VERIFYHOST, 2)
+        if _VERIFY.cafile:
+            c.setopt(pycurl.CAINFO, _VERIFY.cafile)
+        if _VERIFY.capath:
+            c.setopt(pycurl.CAPATH, _VERIFY.capath)
+        c.setopt(pycurl.USERAGENT, USER_AGENT)
+        c.setopt(pycurl.MAXAGE_CONN, IDLE_SECONDS)
+        c.setopt(pycurl.OPENSOCKETFUNCTION, self._opensocket)
+        c.setopt(pycurl.WRITEFUNCTION, self._write)
+        c.setopt(pycurl.HEADERFUNCTION, self.headers.append)
+
+    def prepare(self, target: _Target, body: bytes, headers: list[bytes | str]) -> None:
+        c = self.curl
+        if self.prepared is not target:  # the handle's last request went elsewhere
+            c.setopt(pycurl.URL, target.url)
+            c.setopt(pycurl.CUSTOMREQUEST, target.method)
+            c.setopt(pycurl.TIMEOUT_MS, target.timeout_ms)
+            c.setopt(pycurl.CONNECTTIMEOUT_MS, target.connect_ms)
+            self.prepared, self.pinned = target, None
+            self.host, self.context = target.host, target.context
+        if self.pinned is not target.pinned:
+            if target.pinned is None:
+                c.unsetopt(pycurl.RESOLVE)
+            else:
+                c.setopt(pycurl.RESOLVE, target.pinned)
+            self.pinned = target.pinned
+        c.setopt(pycurl.POSTFIELDS, body)
+        c.setopt(pycurl.HTTPHEADER, headers)
+
+    def clear(self) -> None:
+        self.body.clear()
+        self.headers.clear()
+        self.overflow = False
+        self.row = self.target = self.report = self.started = None
+
+    def _write(self, data: bytes) -> int | None:
+        room = RESPONSE_READ_MAX - len(self.body)
+        if len(data) <= room:
+            self.body += data
+            return None
+        self.body += data[:room]
+        self.overflow = True
+        return 0  # enough read: libcurl ends the transfer (CURLE_WRITE_ERROR, status kept)
+
+    def _opensocket(self, purpose: int, address: Any) -> Any:
+        """The connect-time egress check: on the address libcurl is about to connect to."""
+        ip = address.addr[0]
+        reason = egress.denial_reason(ip, self.host)
+        if reason is not None:
+            log.warning(
+                "egress refused %s host=%s address=%s: %s", self.context, self.host, ip, reason
             )
-        if not results:
-            raise egress.EgressDenied(host, "no allowed address")
-        return results
+            return pycurl.SOCKET_BAD
+        return socket.socket(address.family, address.socktype, address.protocol)
 
-    async def close(self) -> None:
-        return None
+    def close(self) -> None:
+        self.clear()
+        self.curl.close()
 
 
-def _new_session(settings: WebhookSettings, context: str) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(
-        limit=settings.max_in_flight,
-        resolver=GuardedResolver(context),
-        socket_factory=egress.socket_factory(settings.host, context),
-        keepalive_timeout=60,
-        ttl_dns_cache=10,
+@dataclass(slots=True)
+class _Target:
+    """A destination's request settings, computed once per version."""
+
+    destination_id: int
+    version: float
+    url: str
+    host: str
+    port: int
+    method: str
+    timeout: int
+    timeout_ms: int
+    connect_ms: int
+    headers: list[bytes | str]  # the owner's custom headers and the fixed ones
+    context: str
+    literal: bool
+    pinned: list[str] | None = None  # CURLOPT_RESOLVE for a host name, once resolved
+    resolved_at: float = 0.0
+
+
+def _target(config: TargetConfig, context: str) -> _Target:
+    settings: WebhookSettings = config.settings
+    url, host, port = _ascii_url(settings.url)
+    # UTF-8 bytes (pycurl takes only ASCII str); "Name;" is libcurl's spelling of an empty
+    # value ("Name:" would remove the header). The platform's own headers win, as before: the
+    # model refuses most of their names, and an owner's User-Agent is dropped.
+    headers: list[bytes | str] = [
+        f"{name}: {value}".encode() if value else f"{name};".encode()
+        for name, value in settings.headers
+        if name.lower() != "user-agent"
+    ]
+    # "Expect:" stops libcurl's 100-continue round trip on larger bodies.
+    headers += ["Content-Type: application/json", "Expect:"]
+    return _Target(
+        destination_id=config.destination_id,
+        version=config.version,
+        url=url,
+        host=host,
+        port=port,
+        method=settings.method,
+        timeout=settings.timeout,
+        timeout_ms=settings.timeout * 1000,
+        connect_ms=min(settings.timeout, CONNECT_TIMEOUT_MAX) * 1000,
+        headers=headers,
+        context=context,
+        literal=_is_ip_literal(host),
     )
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=aiohttp.ClientTimeout(total=settings.timeout),
-        cookie_jar=aiohttp.DummyCookieJar(),
-        trust_env=False,  # HTTP(S)_PROXY from the environment must not reroute owners' traffic
-        auto_decompress=False,
-        skip_auto_headers=("User-Agent",),
-    )
 
 
-async def _excerpt(response: aiohttp.ClientResponse) -> str:
-    data = b""
-    while len(data) < RESPONSE_READ_MAX:
-        chunk = await response.content.read(RESPONSE_READ_MAX - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data[: RESPONSE_KEEP * 4].decode("utf-8", "replace")[:RESPONSE_KEEP]
+def _signed_headers(
+    target: _Target, keys: list[bytes], msg_id: str, timestamp: int, body: bytes
+) -> list[bytes | str]:
+    return [
+        *target.headers,
+        f"webhook-id: {msg_id}",
+        f"webhook-timestamp: {timestamp}",
+        f"webhook-signature: {signature_header(keys, msg_id, timestamp, body)}",
+    ]
 
 
-async def _request(
-    session: aiohttp.ClientSession, settings: WebhookSettings, msg_id: str, body: bytes
-) -> tuple[int, Mapping[str, str], str]:
-    timestamp = int(time.time())
-    signature = signature_header(settings.signing_keys(datetime.now(UTC)), msg_id, timestamp, body)
-    headers = dict(settings.headers)
-    headers.update(
-        {
-            "Content-Type": "application/json",
-            "User-Agent": USER_AGENT,
-            "webhook-id": msg_id,
-            "webhook-timestamp": str(timestamp),
-            "webhook-signature": signature,
-        }
-    )
-    async with session.request(
-        settings.method, settings.url, data=body, headers=headers, allow_redirects=False
-    ) as response:
-        text = await _excerpt(response)
-        return response.status, response.headers, text
+def _failure_text(errno: int, target: _Target) -> str:
+    if errno == pycurl.E_OPERATION_TIMEDOUT:
+        return f"No complete answer within {target.timeout} s"
+    # Connection refused, reset, DNS, TLS, egress guard: one text for the owner (it must not
+    # reveal what is behind an address); the detail is for operators.
+    return egress.GENERIC_ERROR
+
+
+class _Multi:
+    """One CurlMulti driven by an asyncio loop, libcurl's "multi_socket" design.
+
+    libcurl says which sockets to watch (CURLMOPT_SOCKETFUNCTION) and when to wake it up
+    (CURLMOPT_TIMERFUNCTION). The sockets go into a private epoll set, and the loop watches only
+    that set's descriptor: one epoll_ctl per change instead of asyncio's add_reader/remove_reader
+    bookkeeping (which cost more than libcurl's own work per request). The timer is lazy: an
+    earlier wake-up than needed is kept (libcurl moves its deadline on every finished transfer),
+    and after each wake-up the next one comes from curl_multi_timeout.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, done: Callable[[_Slot, int, str], None]):
+        self.pid = os.getpid()
+        self.loop = loop
+        self.done = done
+        self.multi = pycurl.CurlMulti()
+        self.multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
+        self.multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
+        self.multi.setopt(pycurl.M_MAXCONNECTS, IDLE_CONNECTIONS)
+        self.epoll = select.epoll()
+        self.watched: dict[int, int] = {}  # fd -> epoll mask
+        loop.add_reader(self.epoll.fileno(), self._on_events)
+        self.timer: asyncio.TimerHandle | None = None
+        self.soon = False  # a socket_action(TIMEOUT) is queued with call_soon
+        self.closed = False
+        self.free: list[_Slot] = []
+        self.busy: dict[pycurl.Curl, _Slot] = {}
+
+    def slot(self) -> _Slot:
+        return self.free.pop() if self.free else _Slot()
+
+    def add(self, slot: _Slot) -> None:
+        self.busy[slot.curl] = slot
+        self.multi.add_handle(slot.curl)  # libcurl asks for a timer: the transfer starts soon
+
+    # --- libcurl -> us ---------------------------------------------------------------------
+
+    def _on_socket(self, what: int, fd: int, _multi: Any, _socketp: Any) -> None:
+        if self.closed:
+            return
+        if what == pycurl.POLL_REMOVE:
+            if self.watched.pop(fd, None) is not None:
+                with contextlib.suppress(OSError):
+                    self.epoll.unregister(fd)
+            return
+        mask = (select.EPOLLIN if what & pycurl.POLL_IN else 0) | (
+            select.EPOLLOUT if what & pycurl.POLL_OUT else 0
+        )
+        try:
+            if fd in self.watched:
+                self.epoll.modify(fd, mask)
+            else:
+                self.epoll.register(fd, mask)
+        except FileNotFoundError:  # closed and reused behind our back: a new socket
+            self.epoll.register(fd, mask)
+        except FileExistsError:
+            self.epoll.modify(fd, mask)
+        self.watched[fd] = mask
+
+    def _on_timer(self, ms: int) -> None:
+        if ms < 0 or self.closed:
+            return  # nothing to wait for; a pending wake-up is harmless
+        if ms == 0:
+            if not self.soon:
+                self.soon = True
+                self.loop.call_soon(self._on_timeout)
+            return
+        when = self.loop.time() + ms / 1000
+        if self.timer is None or self.timer.when() > when:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = self.loop.call_at(when, self._on_timeout)
+
+    # --- the loop -> libcurl ---------------------------------------------------------------
+
+    def _on_events(self) -> None:
+        if self.closed:
+            return
+        for fd, events in self.epoll.poll(0):
+            mask = 0
+            if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                mask |= pycurl.CSELECT_IN
+            if events & select.EPOLLOUT:
+                mask |= pycurl.CSELECT_OUT
+            if events & select.EPOLLERR:
+                mask |= pycurl.CSELECT_ERR
+            self.multi.socket_action(fd, mask)
+        self._collect()
+
+    def _on_timeout(self) -> None:
+        if self.closed:
+            return
+        self.soon = False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
+        self._collect()
+        ms = self.multi.timeout()
+        if ms >= 0:
+            self._on_timer(ms)
+
+    def _collect(self) -> None:
+        while True:
+            queued, ok, failed = self.multi.info_read()
+            for curl in ok:
+                self._finish(curl, 0, "")
+            for curl, errno, message in failed:
+                self._finish(curl, errno, message)
+            if not queued:
+                break
+
+    def _finish(self, curl: pycurl.Curl, errno: int, message: str) -> None:
+        self.multi.remove_handle(curl)
+        slot = self.busy.pop(curl)
+        try:
+            self.done(slot, errno, message)
+        finally:
+            slot.clear()
+            self.free.append(slot)
+
+    def close(self) -> None:
+        if self.pid != os.getpid():
+            # A forked child: the sockets are the parent's too, and closing them here could end
+            # its TLS sessions. Never clean this copy up.
+            _orphans.append(self.multi)
+            return
+        self.closed = True  # libcurl may still report sockets while it shuts connections down
+        if self.timer is not None:
+            self.timer.cancel()
+        if not self.loop.is_closed():
+            self.loop.remove_reader(self.epoll.fileno())
+        for curl, slot in list(self.busy.items()):
+            self.multi.remove_handle(curl)
+            slot.close()
+        self.busy.clear()
+        for slot in self.free:
+            slot.close()
+        self.free.clear()
+        self.multi.close()
+        self.epoll.close()
+        self.watched.clear()
 
 
 class WebhookTransport:
@@ -185,8 +482,10 @@ class WebhookTransport:
     def __init__(self) -> None:
         self._pump: Pump | None = None
         # Used only inside the pump's loop.
-        self._sessions: dict[int, tuple[float, aiohttp.ClientSession]] = {}
-        self._retired: set[aiohttp.ClientSession] = set()
+        self._multi: _Multi | None = None
+        self._targets: dict[int, _Target] = {}
+        # Host names being resolved: (host, port) -> the batches waiting for the answer.
+        self._resolving: dict[tuple[str, int], list[tuple[_Target, Any]]] = {}
 
     # --- the pipeline's side (worker thread) ------------------------------------------------
 
@@ -222,10 +521,12 @@ class WebhookTransport:
                     destination.previous_secret_expires_at,
                 )
             )
+        _url, host, port = _ascii_url(destination.url)
         settings = WebhookSettings(
             name=destination.name,
             url=destination.url,
-            host=URL(destination.url).host or "",
+            host=host,
+            port=port,
             method=destination.method,
             timeout=min(destination.timeout, MAX_TIMEOUT),
             max_in_flight=destination.max_in_flight,
@@ -253,101 +554,11 @@ class WebhookTransport:
         self._current_pump().call(self._start, config, rows, report)
 
     def test(self, destination: WebhookDestination) -> TestResult:
+        """Test Connection: a signed ping on its own easy handle, blocking (web requests and
+        workers alike), bounded by the destination's timeout (+ name resolution)."""
         config = self.config(destination, 0)
-        # Its own short-lived loop: Test Connection runs in web requests as well as workers.
-        return asyncio.run(asyncio.wait_for(self._ping(config), config.settings.timeout + 5))
-
-    def close(self) -> None:
-        current = self._pump
-        if current is not None and current is pump.pump():
-            current.complete(self._close_sessions(), 10)
-        self._pump = None
-
-    def _current_pump(self) -> Pump:
-        current = pump.pump()
-        if current is not self._pump:
-            # First use, or a forked child (Celery prefork): sessions belong to the old loop.
-            self._pump = current
-            self._sessions = {}
-            self._retired = set()
-        return current
-
-    # --- the loop's side ----------------------------------------------------------------------
-
-    def _session(self, config: TargetConfig) -> aiohttp.ClientSession:
-        entry = self._sessions.get(config.destination_id)
-        if entry is not None and entry[0] == config.version:
-            return entry[1]
-        if entry is not None:
-            # Edited: new pool; the old one closes once its requests have had their deadline.
-            old = entry[1]
-            self._retired.add(old)
-            asyncio.get_running_loop().call_later(MAX_TIMEOUT + 5, self._close_retired, old)
-        session = _new_session(config.settings, f"destination={config.destination_id}")
-        self._sessions[config.destination_id] = (config.version, session)
-        return session
-
-    def _start(
-        self, config: TargetConfig, rows: list[Claimed], report: Callable[[Result], None]
-    ) -> None:
-        session = self._session(config)
-        for row in rows:
-            self._current_pump().spawn(self._send(session, config, row, report))
-
-    async def _send(
-        self,
-        session: aiohttp.ClientSession,
-        config: TargetConfig,
-        row: Claimed,
-        report: Callable[[Result], None],
-    ) -> None:
         settings: WebhookSettings = config.settings
-        started = timezone.now()
-        t0 = time.perf_counter()
-        outcome, code, error, text, retry_after = Outcome.RETRY, None, "Internal error", "", None
-        try:
-            if row.owner_id != config.owner_id:  # never another owner's event, whatever happens
-                raise PermissionError(f"delivery {row.id} is not of owner {config.owner_id}")
-            try:
-                body = template.render_body(settings.template, row.payload)
-            except template.TemplateError as exc:
-                outcome, error = Outcome.FAILED, f"Payload template: {exc}"
-            else:
-                code, headers, text = await _request(session, settings, row.message_id, body)
-                outcome, error = classify(code)
-                if code in (429, 503):
-                    retry_after = parse_retry_after(headers.get("Retry-After"), started)
-        except TimeoutError:
-            error = f"No complete answer within {settings.timeout} s"
-        except (aiohttp.ClientError, OSError) as exc:
-            # Connection refused, reset, DNS, TLS, egress guard: one text for the owner (it must
-            # not reveal what is behind an address); the detail is for operators.
-            log.info(
-                "webhook destination=%s delivery=%s failed: %r", config.destination_id, row.id, exc
-            )
-            error = egress.GENERIC_ERROR
-        except Exception:
-            log.exception("webhook destination=%s delivery=%s", config.destination_id, row.id)
-        finally:
-            # Exactly one report per row, whatever happened: the pipeline counts on it.
-            report(
-                Result(
-                    delivery_id=row.id,
-                    destination_id=config.destination_id,
-                    owner_id=row.owner_id,
-                    attempt=row.attempt,
-                    started_at=started,
-                    duration_ms=int((time.perf_counter() - t0) * 1000),
-                    outcome=outcome,
-                    status_code=code,
-                    error=error,
-                    response=text,
-                    retry_after=retry_after,
-                )
-            )
-
-    async def _ping(self, config: TargetConfig) -> TestResult:
-        settings: WebhookSettings = config.settings
+        target = _target(config, f"test destination={config.destination_id}")
         now = timezone.now()
         body = orjson.dumps(
             {
@@ -357,18 +568,28 @@ class WebhookTransport:
             }
         )
         t0 = time.perf_counter()
-        session = _new_session(settings, f"test destination={config.destination_id}")
+        if not target.literal:
+            addresses = _resolve(target.host, target.port, target.context)
+            if not addresses:
+                return TestResult(False, egress.GENERIC_ERROR)
+            target.pinned = _pin(target.host, target.port, addresses)
+        msg_id = "msg_ping_" + secrets.token_urlsafe(12)
+        keys = settings.signing_keys(datetime.now(UTC))
+        slot = _Slot()
         try:
-            code, _headers, text = await _request(
-                session, settings, "msg_ping_" + secrets.token_urlsafe(12), body
+            slot.prepare(
+                target, body, _signed_headers(target, keys, msg_id, int(time.time()), body)
             )
-        except TimeoutError:
-            return TestResult(False, f"No complete answer within {settings.timeout} s")
-        except (aiohttp.ClientError, OSError) as exc:
-            log.info("webhook test destination=%s failed: %r", config.destination_id, exc)
-            return TestResult(False, egress.GENERIC_ERROR)
+            try:
+                slot.curl.perform()
+            except pycurl.error as exc:
+                errno = exc.args[0]
+                if not (errno == pycurl.E_WRITE_ERROR and slot.overflow):
+                    log.info("webhook test destination=%s failed: %r", config.destination_id, exc)
+                    return TestResult(False, _failure_text(errno, target))
+            code = slot.curl.getinfo(pycurl.RESPONSE_CODE)
         finally:
-            await session.close()
+            slot.close()
         ms = int((time.perf_counter() - t0) * 1000)
         ok = 200 <= code < 300
         if ok:
@@ -379,13 +600,164 @@ class WebhookTransport:
             message = classify(code)[1]
         return TestResult(ok, message, code, ms)
 
-    def _close_retired(self, session: aiohttp.ClientSession) -> None:
-        if session in self._retired:
-            self._retired.discard(session)
-            self._current_pump().spawn(session.close())
+    def close(self) -> None:
+        current = self._pump
+        if self._multi is not None and current is not None and current is pump.pump():
+            self._multi.close()
+        self._multi = None
+        self._pump = None
+        self._targets = {}
+        self._resolving = {}
 
-    async def _close_sessions(self) -> None:
-        for session in [*(s for _v, s in self._sessions.values()), *self._retired]:
-            await session.close()
-        self._sessions.clear()
-        self._retired.clear()
+    def _current_pump(self) -> Pump:
+        current = pump.pump()
+        if current is not self._pump:
+            # First use, or a forked child (Celery prefork): the multi belongs to the old loop.
+            if self._multi is not None:
+                self._multi.close()  # in a forked child: kept, never cleaned up
+            self._pump = current
+            self._multi = None
+            self._targets = {}
+            self._resolving = {}
+        return current
+
+    # --- the loop's side ----------------------------------------------------------------------
+
+    def _start(
+        self, config: TargetConfig, rows: list[Claimed], report: Callable[[Result], None]
+    ) -> None:
+        batch = (config, rows, report, timezone.now(), time.perf_counter())
+        try:
+            target = self._targets.get(config.destination_id)
+            if target is None or target.version != config.version:
+                target = _target(config, f"destination={config.destination_id}")
+                self._targets[config.destination_id] = target
+        except Exception:
+            log.exception("webhook destination=%s", config.destination_id)
+            self._fail(batch, Outcome.RETRY, "Internal error")
+            return
+        if target.literal or time.monotonic() - target.resolved_at < DNS_TTL:
+            self._send(target, batch)
+            return
+        # A host name: resolved and checked off the loop (a slow DNS server must not stall other
+        # destinations), once for every batch waiting on the same name.
+        key = (target.host, target.port)
+        waiting = self._resolving.get(key)
+        if waiting is not None:
+            waiting.append((target, batch))
+            return
+        self._resolving[key] = [(target, batch)]
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(None, _resolve, target.host, target.port, target.context)
+        future.add_done_callback(lambda f: self._resolved(key, f))
+
+    def _resolved(self, key: tuple[str, int], future: asyncio.Future[list[str]]) -> None:
+        waiting = self._resolving.pop(key, [])
+        addresses = [] if future.cancelled() or future.exception() else future.result()
+        if not future.cancelled() and future.exception():
+            log.error("webhook: resolving %s failed", key, exc_info=future.exception())
+        now = time.monotonic()
+        for target, batch in waiting:
+            if not addresses:
+                self._fail(batch, Outcome.RETRY, egress.GENERIC_ERROR)
+                continue
+            target.pinned = _pin(target.host, target.port, addresses)
+            target.resolved_at = now
+            self._send(target, batch)
+
+    def _send(self, target: _Target, batch: tuple[Any, ...]) -> None:
+        config, rows, report, started, t0 = batch
+        settings: WebhookSettings = config.settings
+        try:
+            if self._multi is None:
+                self._multi = _Multi(asyncio.get_running_loop(), self._done)
+            multi = self._multi
+            keys = settings.signing_keys(datetime.now(UTC))
+            timestamp = int(time.time())
+        except Exception:
+            log.exception("webhook destination=%s", config.destination_id)
+            self._fail(batch, Outcome.RETRY, "Internal error")
+            return
+        for row in rows:
+            outcome, error = Outcome.RETRY, "Internal error"
+            try:
+                if row.owner_id != config.owner_id:  # never another owner's event
+                    raise PermissionError(f"delivery {row.id} is not of owner {config.owner_id}")
+                try:
+                    body = template.render_body(settings.template, row.payload)
+                except template.TemplateError as exc:
+                    outcome, error = Outcome.FAILED, f"Payload template: {exc}"
+                else:
+                    headers = _signed_headers(target, keys, row.message_id, timestamp, body)
+                    slot = multi.slot()
+                    slot.prepare(target, body, headers)
+                    slot.row, slot.target, slot.report = row, target, report
+                    slot.started, slot.t0 = started, t0
+                    multi.add(slot)
+                    continue
+            except Exception:
+                log.exception("webhook destination=%s delivery=%s", config.destination_id, row.id)
+            report(self._result(config.destination_id, row, started, t0, outcome, error))
+
+    def _done(self, slot: _Slot, errno: int, message: str) -> None:
+        """A transfer ended (libcurl's verdict in `errno`): exactly one report for its row."""
+        row, target, report = slot.row, slot.target, slot.report
+        assert row is not None and target is not None and report is not None
+        assert slot.started is not None
+        destination_id = target.destination_id
+        code, text, retry_after = None, "", None
+        outcome, error = Outcome.RETRY, "Internal error"
+        try:
+            if errno == 0 or (errno == pycurl.E_WRITE_ERROR and slot.overflow):
+                code = slot.curl.getinfo(pycurl.RESPONSE_CODE)
+                outcome, error = classify(code)
+                text = _excerpt(slot.body)
+                if code in (429, 503):
+                    retry_after = parse_retry_after(_retry_after(slot.headers), slot.started)
+            else:
+                log.info(
+                    "webhook destination=%s delivery=%s failed: curl error %s: %s",
+                    destination_id,
+                    row.id,
+                    errno,
+                    message,
+                )
+                error = _failure_text(errno, target)
+        except Exception:
+            log.exception("webhook destination=%s delivery=%s", destination_id, row.id)
+        report(
+            self._result(
+                destination_id, row, slot.started, slot.t0, outcome, error, code, text, retry_after
+            )
+        )
+
+    @staticmethod
+    def _result(
+        destination_id: int,
+        row: Claimed,
+        started: datetime,
+        t0: float,
+        outcome: str,
+        error: str,
+        code: int | None = None,
+        text: str = "",
+        retry_after: float | None = None,
+    ) -> Result:
+        return Result(
+            delivery_id=row.id,
+            destination_id=destination_id,
+            owner_id=row.owner_id,
+            attempt=row.attempt,
+            started_at=started,
+            duration_ms=int((time.perf_counter() - t0) * 1000),
+            outcome=outcome,
+            status_code=code,
+            error=error,
+            response=text,
+            retry_after=retry_after,
+        )
+
+    def _fail(self, batch: tuple[Any, ...], outcome: str, error: str) -> None:
+        config, rows, report, started, t0 = batch
+        for row in rows:
+            report(self._result(config.destination_id, row, started, t0, outcome, error))
