@@ -4,8 +4,9 @@ Owners type URLs and host names; the platform connects from inside the operator'
 a guard, a webhook to `http://169.254.169.254/` or `http://10.0.0.5/` turns the platform into a
 proxy into that network (SSRF). Checking the URL when it is saved is not enough: a name can
 resolve to a public address at save time and to a private one at send time (DNS rebinding). So the
-check that counts runs on the socket address *actually connected to*: `socket_factory()` is handed
-to aiohttp's connector, which calls it with each address it is about to connect to.
+check that counts runs on the socket address *actually connected to*: the webhook transport asks
+`denial_reason()` from libcurl's open-socket callback for each address it is about to connect to,
+and the database drivers connect only to addresses `resolve_checked()` passed.
 
 Python 3.11's `ipaddress` misses special-purpose ranges (`192.0.0.8`, NAT64 and 6to4 forms of
 127.0.0.1 report `is_global=True`, FACTS.md), so the deny list is explicit, and `not is_global`
@@ -22,7 +23,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -84,8 +84,8 @@ DENIED_NETWORKS: tuple[IPNetwork, ...] = tuple(
 
 
 class EgressDenied(OSError):
-    """Raised instead of connecting to a refused address. An OSError, so that aiohttp and
-    database drivers treat it as the connection failure it is."""
+    """Raised instead of connecting to a refused address. An OSError, so that the transports
+    treat it as the connection failure it is."""
 
     def __init__(self, address: str, reason: str) -> None:
         super().__init__(13, f"egress to {address} refused: {reason}")
@@ -143,29 +143,6 @@ def check_address(address: str, host: str | None = None) -> None:
     reason = denial_reason(address, host)
     if reason is not None:
         raise EgressDenied(address, reason)
-
-
-# --- the connect-time seam ------------------------------------------------------------------
-
-
-def socket_factory(host: str, context: str = "") -> Callable[[tuple[Any, ...]], socket.socket]:
-    """A `socket_factory` for aiohttp's TCPConnector: refuses before any packet is sent.
-
-    It receives each address the connector is about to connect to — after DNS, for literals
-    too — so what is checked is exactly what is connected to.
-    """
-
-    def factory(addr_info: tuple[Any, ...]) -> socket.socket:
-        family, type_, proto, _canonname, sockaddr = addr_info
-        reason = denial_reason(sockaddr[0], host)
-        if reason is not None:
-            log.warning(
-                "egress refused %s host=%s address=%s: %s", context, host, sockaddr[0], reason
-            )
-            raise EgressDenied(sockaddr[0], reason)
-        return socket.socket(family=family, type=type_, proto=proto)
-
-    return factory
 
 
 def _getaddrinfo(host: str, port: int | None) -> list[tuple[Any, ...]]:

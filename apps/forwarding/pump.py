@@ -1,6 +1,6 @@
 """The worker's event loop, driven by the drain loop itself: one thread, no GIL ping-pong.
 
-Transports do their I/O as coroutines on this loop (aiohttp for webhooks; a blocking driver
+Transports do their I/O on this loop (libcurl for webhooks, its sockets watched by the loop; a blocking driver
 would run in `loop.run_in_executor` and report back with `call_soon_threadsafe`). The drain loop
 is plain synchronous Django code: it claims and records rows while the loop is paused, then runs
 the loop for a slice (`run`) until results come in. A first version ran the loop in a background
