@@ -133,3 +133,19 @@ def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
     return ordered[k]
+
+
+def send_drain_tasks(env: dict[str, str], count: int) -> float:
+    """Queue `count` `forwarding.drain` tasks through the broker with a bare Celery client, and
+    return the time (epoch seconds) they were sent. A `manage.py shell` kick would start Django
+    first — one to three seconds here, which would be counted as the pipeline's time."""
+    from celery import Celery
+
+    app = Celery(broker=env["CELERY_BROKER_URL"])
+    app.conf.task_serializer = "json"
+    with app.connection_for_write() as conn:
+        conn.ensure_connection()
+        sent = time.time()
+        for _ in range(count):
+            app.send_task("forwarding.drain", queue=env["DELIVERY_QUEUE"], connection=conn)
+    return sent

@@ -39,6 +39,7 @@ from bench.common import (  # noqa: E402
     percentile,
     platform_env,
     postgres_database,
+    send_drain_tasks,
     spawn_manage,
 )
 
@@ -354,9 +355,9 @@ def spawn_workers(env: dict[str, str], queue: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def kick(env: dict[str, str]) -> None:
+def kick(env: dict[str, str]) -> datetime:
     # One drain task per worker process: each runs its own loop on disjoint rows.
-    shell(env, "from apps.forwarding.tasks import kick\n" + "kick(force=True)\n" * WORKERS)
+    return datetime.fromtimestamp(send_drain_tasks(env, WORKERS), UTC)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -407,8 +408,7 @@ def backlog_phase(env: dict, queue: str, targets: Targets, engine: str, prefix: 
         time.sleep(3)  # worker start-up
         databases = [env["DATABASE_URL"].rsplit("/", 1)[1], targets.name]
         cpu0, pg0 = tree_cpu(workers.pid), backend_cpu(databases)
-        t0 = datetime.now(UTC)
-        kick(env)
+        t0 = kick(env)
         got = wait_rows(targets, engine, prefix, BACKLOG, timeout=600)
         cpu, pg1 = tree_cpu(workers.pid) - cpu0, backend_cpu(databases)
         pg_cpu = sum(seconds - pg0.get(pid, 0.0) for pid, seconds in pg1.items())
