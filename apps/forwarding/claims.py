@@ -332,14 +332,18 @@ def _update_leased(ids: list[int], token: str | None, values: dict[str, Any]) ->
 
 
 def _update_locked(ids: list[int], values: dict[str, Any]) -> list[int]:
-    """`_update_leased` for rows this transaction holds locked (PostgreSQL only)."""
+    """`_update_leased` for rows this transaction holds locked (PostgreSQL only).
+
+    The locks are the condition: no `status` test in the WHERE clause. With one, PostgreSQL may
+    (without fresh statistics, e.g. just after a burst) combine the pending rows' partial index
+    with the primary key — reading the whole backlog's index for every batch."""
     delivered_at, next_at = values.get("delivered_at"), values.get("next_attempt_at")
     sql = f"""
         UPDATE {_table()}
         SET status = %b, last_status_code = %b, last_error = %b, attempts = attempts + 1,
             last_attempt_at = %b, delivered_at = COALESCE(%b, delivered_at),
             next_attempt_at = COALESCE(%b, next_attempt_at)
-        WHERE id = ANY(%b) AND status = %b
+        WHERE id = ANY(%b)
         RETURNING id
     """  # noqa: S608 - table name from model meta, values bound
     with _server_cursor() as cursor:
@@ -353,7 +357,6 @@ def _update_locked(ids: list[int], values: dict[str, Any]) -> list[int]:
                 delivered_at,
                 next_at,
                 ids,
-                str(Status.PENDING),
             ],
         )
         return [row[0] for row in cursor.fetchall()]
