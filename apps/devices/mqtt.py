@@ -37,13 +37,13 @@ class BatchingClient(mqtt.Client):
     * one `recv()` of up to READ_SIZE bytes per `loop_read`, from which paho's packet reader is
       fed (at most one read from the kernel per call, so the buffer is always empty when paho
       goes back to `select()`, and a connection that never pauses cannot starve the writes);
-    * a plain PUBLISH (QoS 0 or 1, no properties) is decoded here into an `Inbound` tuple;
-      anything else takes paho's own path, whose `on_message` is then routed to the same list,
-      in order;
+    * a plain PUBLISH (QoS 0 or 1, no properties) is decoded here into a tuple (topic, payload,
+      qos, mid, retained); anything else takes paho's own path, whose `on_message` is routed
+      to the same list, in order;
     * `on_messages(list)` is called once per `loop_read` with what it read;
     * `ack_many(mids)` queues all the PUBACKs as one write and one wake-up.
 
-    It relies on internals of the pinned paho version (`_sock_recv`, `_handle_publish`,
+    It relies on internals of the pinned paho-mqtt 2.2.0 (`_sock_recv`, `_handle_publish`,
     `_packet_queue`); tests/devices/test_listener.py exercises every path against a real broker.
     """
 
@@ -54,12 +54,12 @@ class BatchingClient(mqtt.Client):
         self._rbuf = b""
         self._rpos = 0
         self._refills = 1
-        self._inbox: list[tuple[str, bytes, int, int, bool]] = []
+        self._received: list[tuple[str, bytes, int, int, bool]] = []
         self.on_messages = None
-        self.on_message = self._to_inbox
+        self.on_message = self._collect
 
-    def _to_inbox(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
-        self._inbox.append((msg.topic, msg.payload, msg.qos, msg.mid, bool(msg.retain)))
+    def _collect(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        self._received.append((msg.topic, msg.payload, msg.qos, msg.mid, bool(msg.retain)))
 
     def _sock_recv(self, bufsize: int) -> bytes:
         buf, pos = self._rbuf, self._rpos
@@ -87,8 +87,8 @@ class BatchingClient(mqtt.Client):
                 if rc or self._rpos >= len(self._rbuf):
                     return rc
         finally:
-            if self._inbox:
-                items, self._inbox = self._inbox, []
+            if self._received:
+                items, self._received = self._received, []
                 if self.on_messages is not None:
                     self.on_messages(items)
 
@@ -113,7 +113,7 @@ class BatchingClient(mqtt.Client):
         except UnicodeDecodeError:
             return super()._handle_publish()
         payload = bytes(memoryview(packet)[pos:])  # paho's packet buffer is a bytearray
-        self._inbox.append((topic, payload, qos, mid, bool(header & 0x01)))
+        self._received.append((topic, payload, qos, mid, bool(header & 0x01)))
         # QoS 1 with manual ack: nothing to send until ack_many().
         return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
 
