@@ -7,7 +7,6 @@ import os
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from django.db import connection, transaction
 
 from apps.devices.ingest import (
     DeviceDirectory,
@@ -344,24 +343,3 @@ def test_liveness_alone_is_written_at_most_every_few_seconds(alice_lamp):
     assert Device.objects.get(pk=alice_lamp.pk).last_seen_at == t0
     ingest(msg("home/alice-lamp-1/status", {"power": "ON"}, at=t0 + timedelta(seconds=6)))
     assert Device.objects.get(pk=alice_lamp.pk).last_seen_at == t0 + timedelta(seconds=6)
-
-
-@pytest.mark.django_db(transaction=True)
-def test_batches_committed_on_their_own_after_one_that_was_rolled_back(alice_meter):
-    """The scratch table the PostgreSQL insert goes through is created in a batch's transaction:
-    one rolled back takes the table with it, and the next batch must not count on it."""
-    connection.close()  # a new database session, without the table
-    topic = "iot/alice-meter-1/telemetry"
-    with pytest.raises(RuntimeError), transaction.atomic():
-        assert ingest(msg(topic, reading(1))).stored == 1
-        raise RuntimeError("the caller's transaction fails after the batch")
-    assert not Telemetry.objects.filter(device=alice_meter).exists()
-    assert ingest(msg(topic, reading(1)), msg(topic, reading(2))).stored == 2
-    assert ingest(msg(topic, reading(3)), msg(topic, reading(2))).stored == 1
-    assert ingest(msg(topic, reading(4))).stored == 1
-    assert sorted(Telemetry.objects.filter(device=alice_meter).values_list("seq", flat=True)) == [
-        1,
-        2,
-        3,
-        4,
-    ]
