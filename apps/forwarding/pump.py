@@ -1,7 +1,8 @@
 """The worker's event loop, driven by the drain loop itself: one thread, no GIL ping-pong.
 
-Transports do their I/O on this loop (libcurl for webhooks, its sockets watched by the loop; a blocking driver
-would run in `loop.run_in_executor` and report back with `call_soon_threadsafe`). The drain loop
+Transports do their I/O on this loop (libcurl for webhooks, its sockets watched by the loop; a
+blocking driver would run in `loop.run_in_executor` and report back with `call_soon_threadsafe`),
+or in threads of their own that report with `call_soon_threadsafe` (database sinks). The drain loop
 is plain synchronous Django code: it claims and records rows while the loop is paused, then runs
 the loop for a slice (`run`) until results come in. A first version ran the loop in a background
 thread; every database call then waited for the GIL behind the busy I/O thread (~5 ms switch

@@ -320,6 +320,21 @@ def test_a_device_deleted_after_caching_is_quarantined_not_crashing(alice_lamp):
     assert QuarantinedMessage.objects.get().reason == "unknown_device"
 
 
+def test_deleting_a_device_or_an_owner_deletes_its_telemetry(alice_lamp, alice_meter):
+    # Telemetry has no database-level foreign keys (the ingest hot path): the cascade is
+    # Django's, and nothing of a deleted device may stay behind.
+    ingest(
+        msg("home/alice-lamp-1/status", {"power": "ON"}),
+        msg("iot/alice-meter-1/telemetry", reading(1)),
+    )
+    assert Telemetry.objects.filter(device=alice_lamp).count() == 1
+    Device.objects.filter(pk=alice_lamp.pk).delete()
+    assert not Telemetry.objects.filter(device_id=alice_lamp.pk).exists()
+    assert Telemetry.objects.filter(device=alice_meter).count() == 1
+    alice_meter.owner.delete()
+    assert not Telemetry.objects.exists()
+
+
 def test_inactivity_timeout_marks_silent_devices_offline_once(alice_lamp, alice_meter):
     long_ago = datetime.now(UTC) - timedelta(hours=1)
     ingest(
