@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -149,3 +150,35 @@ def send_drain_tasks(env: dict[str, str], count: int) -> float:
         for _ in range(count):
             app.send_task("forwarding.drain", queue=env["DELIVERY_QUEUE"], connection=conn)
     return sent
+
+
+def spawn_celery_workers(env: dict[str, str], queue: str, workers: int) -> subprocess.Popen:
+    """A Celery worker with `workers` prefork processes on `queue`, in a process group of its own
+    (`stop_group` ends it and its children)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "iotplatform", "worker", "-Q", queue,
+         "-c", str(workers), "-l", "warning", "-n", f"{queue}@%h",
+         "--without-gossip", "--without-mingle", "--without-heartbeat"],
+        cwd=ROOT, env=env, start_new_session=True,
+    )  # fmt: skip
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def publish_meters(
+    mqtt_url: str, count: int, rate: float, prefix: str, devices: int
+) -> subprocess.Popen:
+    """The ingest benchmark's publisher (QoS 1): meter-v2 telemetry, the publish time in "ts"."""
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "ingest" / "run.py"), "--publish", mqtt_url,
+         str(count), "1", str(rate), prefix, str(devices)],
+        cwd=ROOT,
+    )  # fmt: skip

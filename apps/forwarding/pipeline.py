@@ -23,7 +23,6 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 
-from django.conf import settings
 from django.db.models import OuterRef, Subquery
 from django.utils import timezone
 
@@ -188,7 +187,7 @@ class Drainer:
             # Claim in chunks, not one row per freed slot: fewer, larger statements.
             if free <= 0 or (in_flight and free < (free + in_flight) // 4):
                 continue
-            granted = self._rate(config, free)
+            granted = ratelimit.grant(config, free)
             if not granted:
                 continue
             rows = claims.claim(destination_id, granted, self.token, config.lease_seconds)
@@ -202,19 +201,6 @@ class Drainer:
             total += len(rows)
             transport.start(config, rows, self.pump.report)
         return total
-
-    def _rate(self, config: TargetConfig, wanted: int) -> int:
-        scale = kinds.KINDS[config.kind].rate_scale
-        limit = settings.DELIVERY_DESTINATION_RATE * scale
-        if config.rate_limit:
-            limit = min(limit, config.rate_limit)
-        granted = ratelimit.take(f"d{config.destination_id}", wanted, limit)
-        if granted:
-            units = ratelimit.take(
-                f"o{config.owner_id}", -(-granted // scale), settings.DELIVERY_OWNER_RATE
-            )
-            granted = min(granted, units * scale)
-        return granted
 
     def _collect(self, wait: float) -> int:
         """Run the transports' I/O for up to `wait` seconds; take the results that came in."""

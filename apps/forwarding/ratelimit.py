@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import time
 
+from django.conf import settings
 from django.core.cache import cache
+
+from . import kinds
 
 
 def take(scope: str, wanted: int, limit: int, now: float | None = None) -> int:
@@ -24,3 +27,18 @@ def take(scope: str, wanted: int, limit: int, now: float | None = None) -> int:
         after = wanted if cache.add(key, wanted, timeout=3) else cache.incr(key, wanted)
     before = after - wanted
     return max(0, min(wanted, limit - before))
+
+
+def grant(config: kinds.TargetConfig, wanted: int) -> int:
+    """Rows a destination may take now: `wanted`, within its own and its owner's limits.
+
+    Limits count webhook requests; a kind's `rate_scale` rows make one unit."""
+    scale = kinds.KINDS[config.kind].rate_scale
+    limit = settings.DELIVERY_DESTINATION_RATE * scale
+    if config.rate_limit:
+        limit = min(limit, config.rate_limit)
+    granted = take(f"d{config.destination_id}", wanted, limit)
+    if granted:
+        units = take(f"o{config.owner_id}", -(-granted // scale), settings.DELIVERY_OWNER_RATE)
+        granted = min(granted, units * scale)
+    return granted

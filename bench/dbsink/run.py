@@ -39,8 +39,11 @@ from bench.common import (  # noqa: E402
     percentile,
     platform_env,
     postgres_database,
+    publish_meters,
     send_drain_tasks,
+    spawn_celery_workers,
     spawn_manage,
+    stop_group,
 )
 
 BACKLOG = 10_000 if SMALL else 100_000
@@ -346,37 +349,9 @@ def backend_cpu(databases: list[str]) -> dict[int, float]:
     return found
 
 
-def spawn_workers(env: dict[str, str], queue: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "iotplatform", "worker", "-Q", queue,
-         "-c", str(WORKERS), "-l", "warning", "-n", f"{queue}@%h",
-         "--without-gossip", "--without-mingle", "--without-heartbeat"],
-        cwd=ROOT, env=env, start_new_session=True,
-    )  # fmt: skip
-
-
 def kick(env: dict[str, str]) -> datetime:
     # One drain task per worker process: each runs its own loop on disjoint rows.
     return datetime.fromtimestamp(send_drain_tasks(env, WORKERS), UTC)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-
-def publish(mqtt_url: str, count: int, rate: float, prefix: str) -> subprocess.Popen:
-    # The ingest benchmark's publisher: meter-v2 telemetry, the publish time in "ts".
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "ingest" / "run.py"), "--publish", mqtt_url,
-         str(count), "1", str(rate), prefix, str(DEVICES)],
-        cwd=ROOT,
-    )  # fmt: skip
 
 
 def wait_rows(targets: Targets, engine: str, prefix: str, total: int, timeout: float) -> int:
@@ -403,7 +378,7 @@ def backlog_phase(env: dict, queue: str, targets: Targets, engine: str, prefix: 
     fill_backlog(env, BACKLOG, prefix)
     # A queue of its own: no drain task left over from an earlier phase starts it early.
     env = {**env, "DELIVERY_QUEUE": f"{queue}-{prefix}"}
-    workers = spawn_workers(env, env["DELIVERY_QUEUE"])
+    workers = spawn_celery_workers(env, env["DELIVERY_QUEUE"], WORKERS)
     try:
         time.sleep(3)  # worker start-up
         databases = [env["DATABASE_URL"].rsplit("/", 1)[1], targets.name]
@@ -415,7 +390,7 @@ def backlog_phase(env: dict, queue: str, targets: Targets, engine: str, prefix: 
         n, first, last = targets.span(engine, prefix)
         time.sleep(2)  # let the workers record the last results before they are stopped
     finally:
-        stop(workers)
+        stop_group(workers)
     # From the kick to the last row committed in the target (the first batch's wait included).
     start = min(t0, first) if first else t0
     rate = n / (last - start).total_seconds() if last else 0.0
@@ -450,7 +425,7 @@ def fast_phase(env: dict, mqtt_url: str, targets: Targets) -> dict:
     platform = psycopg.connect(env["DATABASE_URL"].replace("postgres://", "postgresql://", 1))
     platform.autocommit = True
     t0 = time.monotonic()
-    pub = publish(mqtt_url, n, FAST_RATE, prefix)
+    pub = publish_meters(mqtt_url, n, FAST_RATE, prefix, DEVICES)
     samples: list[tuple[float, int, int]] = []  # (s, ingested, delivery backlog)
     while True:
         got = ingested(platform, prefix)
@@ -489,7 +464,7 @@ def steady_phase(env: dict, mqtt_url: str, targets: Targets) -> dict:
     enable(env, "pg", "maria")
     prefix = "sp"
     n = STEADY_RATE * STEADY_SECONDS
-    pub = publish(mqtt_url, n, STEADY_RATE, prefix)
+    pub = publish_meters(mqtt_url, n, STEADY_RATE, prefix, DEVICES)
     pub.wait(STEADY_SECONDS + 60)
     figures: dict = {"steady_offered_per_s": STEADY_RATE, "steady_events": n}
     for engine, name in (("postgres", "pg"), ("mysql", "maria")):
@@ -552,7 +527,7 @@ def main() -> None:
             figures.update(backlog_phase(env, queue, targets, "postgres", "bp"))
             figures.update(backlog_phase(env, queue, targets, "mysql", "bm"))
 
-            workers = spawn_workers(env, queue)
+            workers = spawn_celery_workers(env, queue, WORKERS)
             listener = spawn_manage(
                 "mqtt_listen", "--no-live", "--client-id", "bench-dbsink-listener",
                 env=env, stderr=subprocess.DEVNULL,
@@ -565,7 +540,7 @@ def main() -> None:
             finally:
                 listener.send_signal(signal.SIGTERM)
                 listener.wait(30)
-                stop(workers)
+                stop_group(workers)
             figures["backlog_pg_ratio_to_raw_upsert"] = round(
                 figures["backlog_pg_per_s"] / figures["raw_pg_upsert_per_s"], 3
             )

@@ -39,8 +39,11 @@ from bench.common import (  # noqa: E402
     percentile,
     platform_env,
     postgres_database,
+    publish_meters,
     send_drain_tasks,
+    spawn_celery_workers,
     spawn_manage,
+    stop_group,
     wait_port,
 )
 
@@ -194,37 +197,9 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
-def spawn_workers(env: dict[str, str], queue: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "iotplatform", "worker", "-Q", queue,
-         "-c", str(WORKERS), "-l", "warning", "-n", f"{queue}@%h",
-         "--without-gossip", "--without-mingle", "--without-heartbeat"],
-        cwd=ROOT, env=env, start_new_session=True,
-    )  # fmt: skip
-
-
 def kick(env: dict[str, str]) -> float:
     # One drain task per worker process, sent without starting Django (see send_drain_tasks).
     return send_drain_tasks(env, WORKERS)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-
-def publish(mqtt_url: str, count: int, rate: float, prefix: str) -> subprocess.Popen:
-    # The ingest benchmark's publisher: meter-v2 telemetry, the publish time in "ts".
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "ingest" / "run.py"), "--publish", mqtt_url,
-         str(count), "1", str(rate), prefix, str(DEVICES)],
-        cwd=ROOT,
-    )  # fmt: skip
 
 
 def main() -> None:
@@ -253,7 +228,7 @@ def main() -> None:
 
             # Backlog drain: the rows are there before any worker runs.
             fill_backlog(env, BACKLOG, "bl")
-            workers = spawn_workers(env, queue)
+            workers = spawn_celery_workers(env, queue, WORKERS)
             try:
                 time.sleep(3)  # worker start-up
                 receiver.reset()
@@ -284,7 +259,7 @@ def main() -> None:
                     time.sleep(4)
                     receiver.reset()
                     cpu0 = tree_cpu(workers.pid), cpu_seconds(listener.pid)
-                    pub = publish(mqtt_url, BURST, 0, "wb")
+                    pub = publish_meters(mqtt_url, BURST, 0, "wb", DEVICES)
                     s = receiver.wait_for(BURST, timeout=300)
                     pub.wait(60)
                     cpu1 = tree_cpu(workers.pid), cpu_seconds(listener.pid)
@@ -310,7 +285,7 @@ def main() -> None:
                     time.sleep(2)
                     receiver.reset()
                     n = STEADY_RATE * STEADY_SECONDS
-                    pub = publish(mqtt_url, n, STEADY_RATE, "ws")
+                    pub = publish_meters(mqtt_url, n, STEADY_RATE, "ws", DEVICES)
                     s = receiver.wait_for(n, timeout=STEADY_SECONDS + 60)
                     pub.wait(60)
                     steady = {
@@ -325,7 +300,7 @@ def main() -> None:
                     listener.send_signal(signal.SIGTERM)
                     listener.wait(30)
             finally:
-                stop(workers)
+                stop_group(workers)
     finally:
         receiver.close()
     load = os.getloadavg()[0]

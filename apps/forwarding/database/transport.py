@@ -39,7 +39,7 @@ from django.utils import timezone
 
 from .. import claims, ratelimit
 from ..claims import Claimed, Progress, Result
-from ..kinds import KINDS, TargetConfig, TestResult
+from ..kinds import TargetConfig, TestResult
 from ..models import Outcome
 from . import actions, connection_test, mapping, mysql, postgres, writer
 from .base import (
@@ -406,18 +406,7 @@ class DatabaseTransport:
                     health.paused_until = time.time() + 1.0  # another process probes
                 return 0
             return 1
-        wanted = config.settings.batch_size
-        scale = KINDS["database"].rate_scale
-        limit = django_settings.DELIVERY_DESTINATION_RATE * scale
-        if config.rate_limit:
-            limit = min(limit, config.rate_limit)
-        granted = ratelimit.take(f"d{config.destination_id}", wanted, limit)
-        if granted:
-            units = ratelimit.take(
-                f"o{config.owner_id}", -(-granted // scale), django_settings.DELIVERY_OWNER_RATE
-            )
-            granted = min(granted, units * scale)
-        return granted
+        return ratelimit.grant(config, config.settings.batch_size)
 
     def pull(self, session: Session, config: TargetConfig) -> tuple[Progress | None, bool]:
         """Claim, write and record one batch. Returns what it came to (None: nothing was due)
