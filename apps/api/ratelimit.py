@@ -91,6 +91,37 @@ def peek(bucket: str, limit: int, seconds: int, now: float | None = None) -> Win
     return Window(count=count or 0, limit=limit, reset_at=end)
 
 
+def lock(bucket: str, seconds: int, now: float | None = None) -> float:
+    """Lock `bucket` for `seconds` from now (a lock already running is extended, never
+    shortened); returns the Unix time it ends.
+
+    A lock is a row of its own (`lock:<bucket>`, window 0) whose `expires` is when it ends, so it
+    lasts its full length whenever it was taken — unlike a fixed window's count, which starts
+    afresh at the next window boundary. The cleanup task deletes it once it has ended."""
+    now = time.time() if now is None else now
+    until = math.ceil(now + seconds)
+    name = f"lock:{bucket}"
+    with transaction.atomic():
+        updated = RateCounter.objects.filter(bucket=name, window_start=0, expires__lt=until).update(
+            expires=until
+        )
+        if not updated:
+            RateCounter.objects.bulk_create(
+                [RateCounter(bucket=name, window_start=0, expires=until)], ignore_conflicts=True
+            )
+        return RateCounter.objects.get(bucket=name, window_start=0).expires
+
+
+def locked_until(bucket: str, now: float | None = None) -> float | None:
+    """When the lock on `bucket` ends, or None when it is not locked."""
+    now = time.time() if now is None else now
+    return (
+        RateCounter.objects.filter(bucket=f"lock:{bucket}", window_start=0, expires__gt=now)
+        .values_list("expires", flat=True)
+        .first()
+    )
+
+
 def delete_expired(now: float | None = None) -> int:
     now = time.time() if now is None else now
     return RateCounter.objects.filter(expires__lt=int(now)).delete()[0]

@@ -64,3 +64,34 @@ def test_the_lock_ends_with_its_window(alice, settings):
     # The window passes (its rows are what the cleanup task deletes).
     RateCounter.objects.all().delete()
     assert attempt("alice", "alice-pass-123")[2]
+
+
+def test_a_lock_taken_just_before_a_window_boundary_lasts_its_full_length(alice, monkeypatch):
+    from apps.api import login_throttle
+
+    boundary = 1_800_000_000  # a multiple of the 900 s window
+    clock = [boundary - 2.0]
+    monkeypatch.setattr(login_throttle, "_now", lambda: clock[0])
+    for _ in range(3):
+        attempt("alice", "wrong")
+    clock[0] = boundary + 1.0  # the failures' window has ended; the lock has not
+    status, body, logged_in = attempt("alice", "alice-pass-123")
+    assert not logged_in and "Try again in 15 minutes" in body
+    clock[0] = boundary + 897.0  # 2 s of the lock left
+    assert "Try again in 1 minute." in attempt("alice", "alice-pass-123")[1]
+    clock[0] = boundary - 2.0 + 900.0  # the lock ends 900 s after the failure that took it
+    assert attempt("alice", "alice-pass-123")[2]
+
+
+
+def test_a_lock_is_extended_never_shortened_and_cleaned_up_when_it_ends(db):
+    from apps.api import ratelimit
+
+    assert ratelimit.locked_until("b", now=1000.0) is None
+    assert ratelimit.lock("b", 900, now=1000.0) == 1900
+    assert ratelimit.lock("b", 60, now=1100.0) == 1900  # a shorter lock does not cut it short
+    assert ratelimit.lock("b", 900, now=1500.0) == 2400
+    assert ratelimit.locked_until("b", now=2399.0) == 2400
+    assert ratelimit.locked_until("b", now=2400.0) is None
+    assert ratelimit.delete_expired(now=2401.0) == 1
+    assert ratelimit.lock("b", 900, now=3000.0) == 3900  # a new lock after the cleanup
