@@ -8,6 +8,10 @@ check that counts runs on the socket address *actually connected to*: the webhoo
 `denial_reason()` from libcurl's open-socket callback for each address it is about to connect to,
 and the database drivers connect only to addresses `resolve_checked()` passed.
 
+Name resolution itself is bounded: getaddrinfo has no timeout, so lookups run on a few threads
+of the guard's own (`lookup()`), and every caller waits only as long as its deadline allows (a
+webhook row's total timeout, a database's connect timeout, a few seconds at save time).
+
 Python 3.11's `ipaddress` misses special-purpose ranges (`192.0.0.8`, NAT64 and 6to4 forms of
 127.0.0.1 report `is_global=True`, FACTS.md), so the deny list is explicit, and `not is_global`
 is checked as well. IPv4-mapped/NAT64/6to4/Teredo IPv6 forms are refused outright: they are how a
@@ -22,7 +26,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import queue
 import socket
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -38,6 +46,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 GENERIC_ERROR = "Could not connect to the destination"
 SAVE_ERROR = "This host cannot be reached from the platform."
+SAVE_LOOKUP_TIMEOUT = 5.0  # seconds a save waits for DNS before it refuses the host
+DNS_THREADS = 8  # lookups running at once per process; more names wait their turn
 
 DENIED_NETWORKS: tuple[IPNetwork, ...] = tuple(
     ipaddress.ip_network(cidr)
@@ -147,16 +157,144 @@ def check_address(address: str, host: str | None = None) -> None:
 
 def _getaddrinfo(host: str, port: int | None) -> list[tuple[Any, ...]]:
     """DNS resolution. Its own function so that tests can make a name resolve as they need
-    (public, then private) without touching the platform's own checks."""
+    (public, then private; slowly; never) without touching the platform's own checks."""
     return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
 
 
-def resolve_checked(host: str, port: int | None) -> list[str]:
-    """Resolve `host` and refuse when any address is denied (used before connecting by
-    drivers without a socket hook, and at save time); returns the allowed addresses."""
+# --- bounded lookups ------------------------------------------------------------------------
+#
+# getaddrinfo has no timeout of its own: with a DNS server that does not answer, glibc waits
+# `timeout x attempts` per name server (tens of seconds), and a thread inside it cannot be
+# cancelled. So lookups run on a few threads of their own, and callers bound how long they
+# *wait*: a hanging name ties up one of these threads until glibc gives up, never the caller
+# beyond its deadline, and never the event loop's default executor (other work waits there).
+# A name already being looked up is joined, not looked up again; a lookup still queued when its
+# last waiter has given up is dropped, so a flood of hanging names cannot pile up work.
+
+
+class Lookup:
+    """One name being resolved on the DNS threads, shared by everyone asking meanwhile.
+    `future` holds getaddrinfo's answer (or its exception); each `lookup()` is paired with one
+    `release()` once the caller has its answer or has stopped waiting."""
+
+    __slots__ = ("key", "future", "waiters", "_resolver")
+
+    def __init__(self, key: tuple[str, int | None], resolver: _Resolver) -> None:
+        self.key = key
+        self.future: Future[list[tuple[Any, ...]]] = Future()
+        self.waiters = 0
+        self._resolver = resolver
+
+    def release(self) -> None:
+        self._resolver.release(self)
+
+
+class _Resolver:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running: dict[tuple[str, int | None], Lookup] = {}
+        self.queue: queue.SimpleQueue[Lookup] = queue.SimpleQueue()
+        self.threads = 0
+        self.idle = 0  # threads waiting for a lookup (or about to)
+        self.queued = 0  # lookups put on the queue and not yet taken
+
+    def lookup(self, host: str, port: int | None) -> Lookup:
+        key = (host, port)
+        with self.lock:
+            found = self.running.get(key)
+            if found is None:
+                found = self.running[key] = Lookup(key, self)
+                self.queue.put(found)
+                self.queued += 1
+                if self.queued > self.idle and self.threads < DNS_THREADS:
+                    # Daemon threads (not a ThreadPoolExecutor, which joins its threads at
+                    # exit): a lookup stuck in getaddrinfo must not hold up a worker's shutdown.
+                    self.threads += 1
+                    self.idle += 1
+                    threading.Thread(target=self._work, name="dns-lookup", daemon=True).start()
+            found.waiters += 1
+            return found
+
+    def release(self, lookup: Lookup) -> None:
+        with self.lock:
+            lookup.waiters -= 1
+            # cancel() succeeds only while the lookup is still queued: nobody needs it any more.
+            if lookup.waiters == 0 and lookup.future.cancel():
+                self._forget(lookup)
+
+    def _forget(self, lookup: Lookup) -> None:
+        if self.running.get(lookup.key) is lookup:
+            del self.running[lookup.key]
+
+    def _work(self) -> None:
+        while True:
+            lookup = self.queue.get()
+            with self.lock:
+                self.idle -= 1
+                self.queued -= 1
+            if lookup.future.set_running_or_notify_cancel():
+                host, port = lookup.key
+                try:
+                    infos = _getaddrinfo(host, port)
+                except BaseException as exc:
+                    with self.lock:
+                        self._forget(lookup)  # forgotten first: the next caller asks again
+                    lookup.future.set_exception(exc)
+                else:
+                    with self.lock:
+                        self._forget(lookup)
+                    lookup.future.set_result(infos)
+            with self.lock:
+                self.idle += 1
+
+
+_resolver_lock = threading.Lock()
+_resolver_now: _Resolver | None = None
+
+
+def _forget_resolver() -> None:
+    # A forked child (Celery prefork) has none of the parent's threads: it starts its own.
+    global _resolver_lock, _resolver_now
+    _resolver_lock = threading.Lock()
+    _resolver_now = None
+
+
+os.register_at_fork(after_in_child=_forget_resolver)
+
+
+def _resolver() -> _Resolver:
+    global _resolver_now
+    with _resolver_lock:
+        if _resolver_now is None:
+            _resolver_now = _Resolver()
+        return _resolver_now
+
+
+def lookup(host: str, port: int | None) -> Lookup:
+    """Start resolving `host` on the DNS threads, or join the lookup already under way. Wait on
+    `.future` as long as the caller's deadline allows, then `.release()` it."""
+    return _resolver().lookup(host, port)
+
+
+def getaddrinfo_within(host: str, port: int | None, timeout: float) -> list[tuple[Any, ...]]:
+    """getaddrinfo waiting at most `timeout` seconds: TimeoutError after that, otherwise
+    getaddrinfo's own answer or exception."""
+    pending = lookup(host, port)
     try:
-        infos = _getaddrinfo(host, port)
-    except (socket.gaierror, UnicodeError) as exc:
+        return pending.future.result(timeout)
+    finally:
+        pending.release()
+
+
+def resolve_checked(host: str, port: int | None, timeout: float) -> list[str]:
+    """Resolve `host` within `timeout` seconds and refuse when any address is denied (used
+    before connecting by drivers without a socket hook, and at save time); returns the allowed
+    addresses."""
+    try:
+        infos = getaddrinfo_within(host, port, timeout)
+    except TimeoutError:
+        raise EgressDenied(host, f"no answer from DNS within {timeout:g} s") from None
+    except (OSError, UnicodeError) as exc:
         raise EgressDenied(host, f"does not resolve ({exc})") from None
     addresses = list(dict.fromkeys(info[4][0] for info in infos))
     for address in addresses:
@@ -186,7 +324,7 @@ def validate_webhook_url(url: str, resolve: bool = True) -> None:
         raise ValidationError("The URL's port is not valid.", code="port") from None
     if resolve:
         try:
-            resolve_checked(parts.hostname, port)
+            resolve_checked(parts.hostname, port, timeout=SAVE_LOOKUP_TIMEOUT)
         except EgressDenied as exc:
             log.info("webhook URL refused at save time: %s", exc)
             # One text for "does not resolve" and "resolves somewhere refused": no probing.

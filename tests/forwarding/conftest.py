@@ -12,11 +12,12 @@ from django.utils import timezone
 
 from apps.devices.events import TELEMETRY, DeviceEvent
 from apps.devices.models import Device
-from apps.forwarding import kinds, outbox, pipeline
+from apps.forwarding import egress, kinds, outbox, pipeline
 from apps.forwarding.models import Delivery, Status
 from apps.forwarding.webhook.models import WebhookDestination
 from apps.owners.models import Owner
 
+from .dns import SilentDNS
 from .receiver import Receiver
 
 _event_ids = itertools.count(1)
@@ -89,3 +90,12 @@ def deliver_due(budget: float = 10.0) -> pipeline.DrainStats:
 def make_due_now() -> None:
     """Time travel for retries: everything waiting becomes due."""
     Delivery.objects.filter(status=Status.PENDING).update(next_attempt_at=timezone.now())
+
+
+@pytest.fixture
+def dns(monkeypatch) -> Iterator[SilentDNS]:
+    """A DNS server that does not answer (or answers late) for the names it hands out."""
+    silent = SilentDNS()
+    monkeypatch.setattr(egress, "_getaddrinfo", silent)
+    yield silent
+    silent.release()

@@ -41,7 +41,12 @@ def test_the_connect_time_check_refuses_what_name_resolution_let_through(
 ) -> None:
     """Even if the resolver step were fooled (a race, a bug), libcurl's open-socket hook checks
     the address it is about to connect to and refuses before a packet is sent."""
-    monkeypatch.setattr(transport, "_resolve", lambda host, port, context: ["127.0.0.2"])
+
+    def fooled_dns(host: str, port: int | None) -> list[tuple]:
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.2", port or 80))]
+
+    monkeypatch.setattr(egress, "_getaddrinfo", fooled_dns)
+    monkeypatch.setattr(transport, "_allowed", lambda host, infos, context: ["127.0.0.2"])
     url = f"http://fooled.example:{canary.port}/hook"
     hook = WebhookDestination.objects.create(owner=alice_owner, name="fooled", url=url)
     caplog.set_level(logging.INFO, logger="apps.forwarding")

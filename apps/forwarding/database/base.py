@@ -26,7 +26,7 @@ from apps.core.crypto import Secret
 
 from .. import egress
 
-CONNECT_TIMEOUT = 5  # seconds, per address tried
+CONNECT_TIMEOUT = 5  # seconds for DNS, then again per address tried
 STATEMENT_TIMEOUT = 20  # seconds, one statement in the owner's database
 LOCK_TIMEOUT = 10  # seconds waiting for a row or table lock before giving up (transient)
 

@@ -193,7 +193,9 @@ class DatabaseDestination(Destination):
             self.key_columns = []
         if self.host and "host" not in errors:
             try:
-                egress.resolve_checked(self.host, self.effective_port)
+                egress.resolve_checked(
+                    self.host, self.effective_port, timeout=egress.SAVE_LOOKUP_TIMEOUT
+                )
             except egress.EgressDenied:
                 # One text for "does not resolve" and "resolves somewhere refused": no probing.
                 errors["host"] = egress.SAVE_ERROR

@@ -157,7 +157,7 @@ def _tls_context(mode: str) -> ssl.SSLContext | None:
 
 def connect(settings: ConnectionSettings, timeout: float = CONNECT_TIMEOUT) -> Connection:
     try:
-        addresses = egress.resolve_checked(settings.host, settings.port)
+        addresses = egress.resolve_checked(settings.host, settings.port, timeout=timeout)
     except egress.EgressDenied as exc:
         log.warning("mysql %s: %s", settings.context, exc)
         raise network_error() from None

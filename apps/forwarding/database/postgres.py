@@ -126,7 +126,7 @@ def _login_failure(text: str) -> SinkError | None:
 
 def connect(settings: ConnectionSettings, timeout: float = CONNECT_TIMEOUT) -> Connection:
     try:
-        addresses = egress.resolve_checked(settings.host, settings.port)
+        addresses = egress.resolve_checked(settings.host, settings.port, timeout=timeout)
     except egress.EgressDenied as exc:
         log.warning("postgres %s: %s", settings.context, exc)
         raise network_error() from None

@@ -15,17 +15,19 @@ multi's cache between requests and between Celery tasks (HTTP/1.1; at most `max_
 requests of a destination at once, which the pipeline enforces through `capacity()`).
 
 Safety, per request:
-- egress guard when connecting: host names are resolved here through the guard's seam
-  (`egress._getaddrinfo`, cached DNS_TTL seconds), refused addresses dropped, the allowed ones
-  pinned with CURLOPT_RESOLVE; and CURLOPT_OPENSOCKETFUNCTION checks every address libcurl is
-  about to connect to (IP literals and decimal/hex/octal forms included) and refuses with
-  CURL_SOCKET_BAD before any packet is sent. The owner sees only `egress.GENERIC_ERROR`; the
-  reason goes to the log;
+- egress guard when connecting: host names are resolved here through the guard's bounded
+  lookups (`egress.lookup`, on the guard's own DNS threads; cached DNS_TTL seconds), refused
+  addresses dropped, the allowed ones pinned with CURLOPT_RESOLVE; and CURLOPT_OPENSOCKETFUNCTION
+  checks every address libcurl is about to connect to (IP literals and decimal/hex/octal forms
+  included) and refuses with CURL_SOCKET_BAD before any packet is sent. The owner sees only
+  `egress.GENERIC_ERROR`; the reason goes to the log;
 - http/https only, redirects never followed, no proxy from the environment, no cookie engine;
 - TLS verified against the system CA store (as Python's default SSL context), SNI from the URL;
-- a total deadline (CURLOPT_TIMEOUT_MS: connect, send and the whole response, so a receiver that
-  trickles its body byte by byte is cut off too): a hanging receiver ties up at most its own
-  destination's `max_in_flight` requests for `timeout` seconds, nothing else;
+- a total deadline of `timeout` seconds from when the batch started: name resolution (a batch
+  still waiting for DNS then is retried), then CURLOPT_TIMEOUT_MS for what is left (connect,
+  send and the whole response, so a receiver that trickles its body byte by byte is cut off
+  too): a hanging receiver or DNS server ties up at most its own destination's `max_in_flight`
+  requests for `timeout` seconds, nothing else;
 - at most RESPONSE_READ_MAX bytes of a response are read (then the transfer is cut).
 """
 
@@ -151,13 +153,22 @@ def _is_ip_literal(host: str) -> bool:
     return True
 
 
-def _resolve(host: str, port: int, context: str) -> list[str]:
-    """Addresses of `host` the egress guard allows (blocking: run it in an executor)."""
+def _resolve(host: str, port: int, context: str, timeout: float) -> list[str]:
+    """Addresses of `host` the egress guard allows, waiting at most `timeout` seconds for DNS
+    (blocking: Test Connection)."""
     try:
-        infos = egress._getaddrinfo(host, port)
+        infos = egress.getaddrinfo_within(host, port, timeout)
+    except TimeoutError:
+        log.info("webhook %s host=%s: no answer from DNS within %g s", context, host, timeout)
+        return []
     except (OSError, UnicodeError) as exc:
         log.info("webhook %s host=%s does not resolve: %r", context, host, exc)
         return []
+    return _allowed(host, infos, context)
+
+
+def _allowed(host: str, infos: list[tuple[Any, ...]], context: str) -> list[str]:
+    """The addresses of a getaddrinfo answer the egress guard allows (refusals logged)."""
     allowed = []
     for address in dict.fromkeys(info[4][0] for info in infos):
         reason = egress.denial_reason(address, host)
@@ -180,7 +191,7 @@ class _Slot:
 
     __slots__ = (
         "curl", "body", "headers", "overflow", "host", "context", "prepared", "pinned",
-        "row", "target", "report", "started", "t0",
+        "timeout_ms", "row", "target", "report", "started", "t0",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -191,6 +202,7 @@ class _Slot:
         self.context = ""
         self.prepared: _Target | None = None  # what URL, method, deadlines are set for
         self.pinned: list[str] | None = None  # the CURLOPT_RESOLVE entry set
+        self.timeout_ms = 0  # the CURLOPT_TIMEOUT_MS set
         self.row: Claimed | None = None
         self.target: _Target | None = None
         self.report: Callable[[Result], None] | None = None
@@ -215,12 +227,15 @@ class _Slot:
         c.setopt(pycurl.WRITEFUNCTION, self._write)
         c.setopt(pycurl.HEADERFUNCTION, self.headers.append)
 
-    def prepare(self, target: _Target, body: bytes, headers: list[bytes | str]) -> None:
+    def prepare(
+        self, target: _Target, body: bytes, headers: list[bytes | str], timeout_ms: int
+    ) -> None:
+        """Set up the next request; `timeout_ms` is what is left of its total deadline (less
+        than the destination's timeout when the batch waited for DNS)."""
         c = self.curl
         if self.prepared is not target:  # the handle's last request went elsewhere
             c.setopt(pycurl.URL, target.url)
             c.setopt(pycurl.CUSTOMREQUEST, target.method)
-            c.setopt(pycurl.TIMEOUT_MS, target.timeout_ms)
             c.setopt(pycurl.CONNECTTIMEOUT_MS, target.connect_ms)
             self.prepared, self.pinned = target, None
             self.host, self.context = target.host, target.context
@@ -230,6 +245,9 @@ class _Slot:
             else:
                 c.setopt(pycurl.RESOLVE, target.pinned)
             self.pinned = target.pinned
+        if self.timeout_ms != timeout_ms:
+            c.setopt(pycurl.TIMEOUT_MS, timeout_ms)
+            self.timeout_ms = timeout_ms
         c.setopt(pycurl.POSTFIELDS, body)
         c.setopt(pycurl.HTTPHEADER, headers)
 
@@ -313,6 +331,24 @@ def _target(config: TargetConfig, context: str) -> _Target:
     )
 
 
+@dataclass(slots=True, eq=False)
+class _Waiting:
+    """A batch waiting for its host name, and the timer of its deadline."""
+
+    target: _Target
+    batch: tuple[Any, ...]
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Resolving:
+    """A host name being resolved for this transport: the guard's lookup (joined once) and the
+    batches waiting for it."""
+
+    lookup: egress.Lookup
+    waiting: list[_Waiting]
+
+
 def _signed_headers(
     target: _Target, keys: list[bytes], msg_id: str, timestamp: int, body: bytes
 ) -> list[bytes | str]:
@@ -322,6 +358,12 @@ def _signed_headers(
         f"webhook-timestamp: {timestamp}",
         f"webhook-signature: {signature_header(keys, msg_id, timestamp, body)}",
     ]
+
+
+def _left_ms(target: _Target, t0: float) -> int:
+    """What is left of the total deadline of a request (or batch) that started at `t0`
+    (perf_counter), in ms; at least 1, since 0 would mean no deadline to libcurl."""
+    return max(1, target.timeout_ms - int((time.perf_counter() - t0) * 1000))
 
 
 def _failure_text(errno: int, target: _Target) -> str:
@@ -484,8 +526,8 @@ class WebhookTransport:
         # Used only inside the pump's loop.
         self._multi: _Multi | None = None
         self._targets: dict[int, _Target] = {}
-        # Host names being resolved: (host, port) -> the batches waiting for the answer.
-        self._resolving: dict[tuple[str, int], list[tuple[_Target, Any]]] = {}
+        # Host names being resolved: (host, port) -> the lookup and the batches waiting for it.
+        self._resolving: dict[tuple[str, int], _Resolving] = {}
 
     # --- the pipeline's side (worker thread) ------------------------------------------------
 
@@ -555,7 +597,7 @@ class WebhookTransport:
 
     def test(self, destination: WebhookDestination) -> TestResult:
         """Test Connection: a signed ping on its own easy handle, blocking (web requests and
-        workers alike), bounded by the destination's timeout (+ name resolution)."""
+        workers alike), bounded by the destination's timeout (name resolution included)."""
         config = self.config(destination, 0)
         settings: WebhookSettings = config.settings
         target = _target(config, f"test destination={config.destination_id}")
@@ -569,16 +611,20 @@ class WebhookTransport:
         )
         t0 = time.perf_counter()
         if not target.literal:
-            addresses = _resolve(target.host, target.port, target.context)
+            addresses = _resolve(target.host, target.port, target.context, target.timeout)
             if not addresses:
                 return TestResult(False, egress.GENERIC_ERROR)
             target.pinned = _pin(target.host, target.port, addresses)
+        timeout_ms = _left_ms(target, t0)
         msg_id = "msg_ping_" + secrets.token_urlsafe(12)
         keys = settings.signing_keys(datetime.now(UTC))
         slot = _Slot()
         try:
             slot.prepare(
-                target, body, _signed_headers(target, keys, msg_id, int(time.time()), body)
+                target,
+                body,
+                _signed_headers(target, keys, msg_id, int(time.time()), body),
+                timeout_ms,
             )
             try:
                 slot.curl.perform()
@@ -604,6 +650,11 @@ class WebhookTransport:
         current = self._pump
         if self._multi is not None and current is not None and current is pump.pump():
             self._multi.close()
+        for resolving in self._resolving.values():
+            for waiting in resolving.waiting:
+                if waiting.timer is not None:
+                    waiting.timer.cancel()
+            resolving.lookup.release()
         self._multi = None
         self._pump = None
         self._targets = {}
@@ -637,35 +688,79 @@ class WebhookTransport:
             self._fail(batch, Outcome.RETRY, "Internal error")
             return
         if target.literal or time.monotonic() - target.resolved_at < DNS_TTL:
-            self._send(target, batch)
+            self._send(target, batch, target.timeout_ms)
             return
-        # A host name: resolved and checked off the loop (a slow DNS server must not stall other
-        # destinations), once for every batch waiting on the same name.
-        key = (target.host, target.port)
-        waiting = self._resolving.get(key)
-        if waiting is not None:
-            waiting.append((target, batch))
-            return
-        self._resolving[key] = [(target, batch)]
+        # A host name: resolved and checked off the loop, on the guard's DNS threads (a slow DNS
+        # server must not stall other destinations), once for every batch waiting on the same
+        # name; each batch waits only until its own deadline.
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(None, _resolve, target.host, target.port, target.context)
-        future.add_done_callback(lambda f: self._resolved(key, f))
+        key = (target.host, target.port)
+        resolving = self._resolving.get(key)
+        if resolving is None:
+            fresh = self._resolving[key] = _Resolving(egress.lookup(*key), [])
+            fresh.lookup.future.add_done_callback(lambda _f: self._wake(loop, key, fresh))
+            resolving = fresh
+        waiting = _Waiting(target, batch)
+        waiting.timer = loop.call_later(
+            _left_ms(target, batch[4]) / 1000, self._expired, key, resolving, waiting
+        )
+        resolving.waiting.append(waiting)
 
-    def _resolved(self, key: tuple[str, int], future: asyncio.Future[list[str]]) -> None:
-        waiting = self._resolving.pop(key, [])
-        addresses = [] if future.cancelled() or future.exception() else future.result()
-        if not future.cancelled() and future.exception():
-            log.error("webhook: resolving %s failed", key, exc_info=future.exception())
+    def _wake(
+        self, loop: asyncio.AbstractEventLoop, key: tuple[str, int], resolving: _Resolving
+    ) -> None:
+        """The lookup ended (on a DNS thread, or at once): continue on the loop."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(self._resolved, key, resolving)
+
+    def _expired(self, key: tuple[str, int], resolving: _Resolving, waiting: _Waiting) -> None:
+        """A batch's deadline passed before its host name resolved: its rows are retried."""
+        if waiting not in resolving.waiting:
+            return
+        resolving.waiting.remove(waiting)
+        target = waiting.target
+        log.info(
+            "webhook %s host=%s: no answer from DNS within %s s",
+            target.context,
+            target.host,
+            target.timeout,
+        )
+        self._fail(waiting.batch, Outcome.RETRY, egress.GENERIC_ERROR)
+        if not resolving.waiting and self._resolving.get(key) is resolving:
+            # Nobody here waits any more. A lookup still running is joined again by the next
+            # batch for this name (the guard keeps it until it ends), not started twice.
+            del self._resolving[key]
+            resolving.lookup.release()
+
+    def _resolved(self, key: tuple[str, int], resolving: _Resolving) -> None:
+        if self._resolving.get(key) is not resolving:
+            return  # every batch gave up waiting (or the transport was closed)
+        del self._resolving[key]
+        resolving.lookup.release()
+        future = resolving.lookup.future
+        first = resolving.waiting[0].target
+        addresses: list[str] = []
+        try:
+            infos = future.result()
+        except (OSError, UnicodeError) as exc:
+            log.info("webhook %s host=%s does not resolve: %r", first.context, key[0], exc)
+        except Exception:
+            log.exception("webhook: resolving %s failed", key)
+        else:
+            addresses = _allowed(key[0], infos, first.context)
         now = time.monotonic()
-        for target, batch in waiting:
+        for waiting in resolving.waiting:
+            if waiting.timer is not None:
+                waiting.timer.cancel()
+            target, batch = waiting.target, waiting.batch
             if not addresses:
                 self._fail(batch, Outcome.RETRY, egress.GENERIC_ERROR)
                 continue
             target.pinned = _pin(target.host, target.port, addresses)
             target.resolved_at = now
-            self._send(target, batch)
+            self._send(target, batch, _left_ms(target, batch[4]))
 
-    def _send(self, target: _Target, batch: tuple[Any, ...]) -> None:
+    def _send(self, target: _Target, batch: tuple[Any, ...], timeout_ms: int) -> None:
         config, rows, report, started, t0 = batch
         settings: WebhookSettings = config.settings
         try:
@@ -690,7 +785,7 @@ class WebhookTransport:
                 else:
                     headers = _signed_headers(target, keys, row.message_id, timestamp, body)
                     slot = multi.slot()
-                    slot.prepare(target, body, headers)
+                    slot.prepare(target, body, headers, timeout_ms)
                     slot.row, slot.target, slot.report = row, target, report
                     slot.started, slot.t0 = started, t0
                     multi.add(slot)
