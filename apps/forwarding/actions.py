@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.core.cache import cache
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
@@ -221,11 +221,46 @@ def prune(now: datetime | None = None, budget: int = 20 * PRUNE_CHUNK) -> int:
     return deleted
 
 
+def remove_orphans() -> int:
+    """Delete outbox rows of destinations that no longer exist; returns how many.
+
+    The outbox has no database-level foreign keys (`Delivery`), so a listener whose route cache
+    still held a just-deleted destination may have written rows for it. They are still
+    pending (nothing claims a destination that does not exist), so the destinations with
+    pending rows are listed by skipping through the pending rows' index, one probe per
+    destination (a recursive query), not by reading the backlog.
+    """
+    table = connection.ops.quote_name(Delivery._meta.db_table)
+    destinations = connection.ops.quote_name(Destination._meta.db_table)
+    sql = f"""
+        WITH RECURSIVE pending(id) AS (
+            SELECT (SELECT destination_id FROM {table} WHERE status = %s
+                    ORDER BY destination_id LIMIT 1)
+            UNION ALL
+            SELECT (SELECT destination_id FROM {table} WHERE status = %s AND destination_id > p.id
+                    ORDER BY destination_id LIMIT 1)
+            FROM pending p WHERE p.id IS NOT NULL
+        )
+        SELECT id FROM pending
+        WHERE id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {destinations} d WHERE d.id = pending.id)
+    """  # noqa: S608 - table names from model meta, values bound
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [Status.PENDING, Status.PENDING])
+        gone = [row[0] for row in cursor.fetchall()]
+    if not gone:
+        return 0
+    deleted = Delivery.objects.filter(destination_id__in=gone).delete()[0]
+    log.info("removed %d outbox rows of deleted destinations %s", deleted, gone)
+    return deleted
+
+
 def sweep() -> None:
-    """The periodic sweep: lost leases back in line, failing destinations, retention, and a
-    drain task when something is due that no running drain has taken."""
+    """The periodic sweep: lost leases back in line, failing destinations, outbox rows of
+    deleted destinations, retention, and a drain task when something is due that no running
+    drain has taken."""
     claims.reclaim_expired()
     check_failing()
+    remove_orphans()
     if cache.add("forwarding:prune", 1, timeout=PRUNE_EVERY):
         prune()
     from .pipeline import due_destinations

@@ -19,6 +19,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from apps.core.indexes import TimeOrderIndex
 from apps.devices.events import EVENT_TYPES
 from apps.devices.models import Device
 from apps.owners.models import Owner
@@ -135,9 +136,22 @@ class Delivery(models.Model):
     """One event for one destination: the outbox row and its retry state."""
 
     id = models.BigAutoField(primary_key=True)
-    owner = models.ForeignKey(Owner, on_delete=models.CASCADE, related_name="+", db_index=False)
+    # No database-level foreign keys (as for telemetry): the listener writes thousands of rows a
+    # second, and each checked key cost a trigger event and a `FOR KEY SHARE` lookup of the
+    # destination and owner rows at commit (~13 us of PostgreSQL CPU per row). Deleting a
+    # destination or owner still cascades, in Django. A listener whose route cache still holds a
+    # just-deleted destination (up to outbox.ROUTE_TTL) writes rows for it that nobody claims;
+    # the sweep removes them (`actions.remove_orphans`). With the keys, that commit failed and
+    # the batch's telemetry went to quarantine.
+    owner = models.ForeignKey(
+        Owner, on_delete=models.CASCADE, related_name="+", db_index=False, db_constraint=False
+    )
     destination = models.ForeignKey(
-        Destination, on_delete=models.CASCADE, related_name="deliveries", db_index=False
+        Destination,
+        on_delete=models.CASCADE,
+        related_name="deliveries",
+        db_index=False,
+        db_constraint=False,
     )
     event_id = models.CharField(max_length=64)
     event_type = models.CharField(max_length=32)
@@ -176,7 +190,7 @@ class Delivery(models.Model):
                 fields=["lease_expires_at"], condition=Q(status="sending"), name="delivery_leased"
             ),
             models.Index(fields=["owner", "-id"], name="delivery_owner_recent"),
-            models.Index(fields=["created_at"], name="delivery_created"),
+            TimeOrderIndex(fields=["created_at"], name="delivery_created"),
         ]
 
     def __str__(self) -> str:
@@ -213,7 +227,7 @@ class Attempt(models.Model):
         indexes = [
             models.Index(fields=["destination", "-id"], name="attempt_destination_recent"),
             models.Index(fields=["owner", "-id"], name="attempt_owner_recent"),
-            models.Index(fields=["started_at"], name="attempt_started"),
+            TimeOrderIndex(fields=["started_at"], name="attempt_started"),
         ]
 
     def __str__(self) -> str:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+from django.db import transaction
 from django.utils import timezone
 
-from apps.forwarding import actions, claims, tasks
+from apps.forwarding import actions, claims, outbox, tasks
 from apps.forwarding.models import Attempt, Delivery, Status
 from apps.forwarding.outbox import write_outbox
 
@@ -48,3 +50,36 @@ def test_retention_keeps_dead_letters_longer(receiver, alice_owner, alice_lamp, 
     assert Attempt.objects.filter(delivery=dead).exists()
     assert actions.prune(now=timezone.now() + timedelta(days=25)) == 1
     assert not Delivery.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rows_for_a_destination_deleted_under_a_listener_commit_and_are_swept(
+    receiver, alice_owner, alice_lamp
+) -> None:
+    kept = make_webhook(alice_owner, receiver.url())
+    doomed = make_webhook(alice_owner, receiver.url())
+    outbox.routes_for({alice_owner.pk})  # a listener's route cache, as it was a moment ago
+    doomed_pk = doomed.pk
+    doomed.delete()  # elsewhere (admin, API): the listener's cache does not know yet
+    with transaction.atomic():  # a real commit: nothing refuses the rows any more
+        write_outbox([make_event(alice_lamp) for _ in range(3)])
+    assert Delivery.objects.filter(destination_id=doomed_pk).count() == 3
+    assert Delivery.objects.filter(destination=kept).count() == 3
+
+    actions.sweep()
+
+    assert not Delivery.objects.filter(destination_id=doomed_pk).exists()
+    assert Delivery.objects.filter(destination=kept).count() == 3
+    assert actions.remove_orphans() == 0  # nothing left to find
+    deliver_due()
+    assert Delivery.objects.filter(destination=kept, status=Status.DELIVERED).count() == 3
+
+
+def test_orphan_search_skips_destinations_without_pending_rows(
+    receiver, alice_owner, alice_lamp
+) -> None:
+    hook = make_webhook(alice_owner, receiver.url())
+    write_outbox([make_event(alice_lamp) for _ in range(2)])
+    deliver_due()  # delivered rows of a live destination: not orphans
+    assert actions.remove_orphans() == 0
+    assert Delivery.objects.filter(destination=hook).count() == 2
