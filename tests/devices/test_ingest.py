@@ -20,6 +20,7 @@ from apps.devices.models import (
     QuarantinedMessage,
     Telemetry,
     Transition,
+    TransitionKind,
 )
 
 pytestmark = pytest.mark.django_db
@@ -358,3 +359,23 @@ def test_liveness_alone_is_written_at_most_every_few_seconds(alice_lamp):
     assert Device.objects.get(pk=alice_lamp.pk).last_seen_at == t0
     ingest(msg("home/alice-lamp-1/status", {"power": "ON"}, at=t0 + timedelta(seconds=6)))
     assert Device.objects.get(pk=alice_lamp.pk).last_seen_at == t0 + timedelta(seconds=6)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_device_written_elsewhere_between_batches_is_read_again(alice_meter):
+    # Each batch is its own transaction, as in the listener, and one directory (one listener
+    # process) serves them all: its cached devices must not hide another process's write.
+    directory = DeviceDirectory()
+    topic = "iot/alice-meter-1/telemetry"
+    ingest_batch([msg(topic, reading(1))], directory=directory)  # online: the row is written
+    ingest_batch([msg(topic, reading(2))], directory=directory)  # liveness only: not written
+
+    # The inactivity sweep (another process) marks it offline meanwhile.
+    Device.objects.filter(pk=alice_meter.pk).update(connection=Connection.OFFLINE)
+    ingest_batch([msg(topic, reading(3))], directory=directory)
+
+    assert Device.objects.get(pk=alice_meter.pk).connection == Connection.ONLINE
+    back_online = Transition.objects.filter(
+        device=alice_meter, kind=TransitionKind.CONNECTION
+    ).order_by("id")
+    assert [(t.old, t.new) for t in back_online] == [("unknown", "online"), ("offline", "online")]
