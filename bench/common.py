@@ -174,11 +174,13 @@ def stop_group(proc: subprocess.Popen) -> None:
 
 
 def publish_meters(
-    mqtt_url: str, count: int, rate: float, prefix: str, devices: int
+    mqtt_url: str, count: int, rate: float, prefix: str, devices: int, first_seq: int = 1
 ) -> subprocess.Popen:
-    """The ingest benchmark's publisher (QoS 1): meter-v2 telemetry, the publish time in "ts"."""
+    """The ingest benchmark's publisher (QoS 1): meter-v2 telemetry, the publish time in "ts".
+    Sequence numbers start at `first_seq` (a later run for the same meters must not repeat
+    event ids: the outbox would take them as duplicates)."""
     return subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "ingest" / "run.py"), "--publish", mqtt_url,
-         str(count), "1", str(rate), prefix, str(devices)],
+         str(count), "1", str(rate), prefix, str(devices), str(first_seq)],
         cwd=ROOT,
     )  # fmt: skip

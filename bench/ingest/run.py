@@ -60,6 +60,7 @@ STEADY_COLD = os.environ.get("BENCH_STEADY_COLD") == "1"
 # It reports on stderr, as one line "publisher {json}": start (the first byte of the first
 # PUBLISH, time.time()), end, count and its own CPU seconds.
 
+PUBLISH_TICK = 0.001  # s: a paced publisher sends what is due at most this often
 PUBLISH_WINDOW = 2000  # QoS 1 messages in flight (unacknowledged)
 PUBLISH_CHUNK = 250  # messages per sendall at burst
 BODY = (
@@ -200,7 +201,10 @@ def publish(
         if rate:
             due = min(count, int((time.perf_counter() - t0) * rate) + 1)
             if due <= sent:
-                time.sleep(max(0.0, t0 + sent / rate - time.perf_counter()))
+                # At least a tick: a fleet's messages go out in small bursts instead of one
+                # send (and one wake-up of the ack reader) per message, which cost this load
+                # generator ~60 us of CPU per message at 8,000/s, on the platform's cores.
+                time.sleep(max(PUBLISH_TICK, t0 + sent / rate - time.perf_counter()))
                 continue
             hi = min(due, sent + PUBLISH_CHUNK)
         else:
