@@ -83,7 +83,6 @@ def test_a_lock_taken_just_before_a_window_boundary_lasts_its_full_length(alice,
     assert attempt("alice", "alice-pass-123")[2]
 
 
-
 def test_a_lock_is_extended_never_shortened_and_cleaned_up_when_it_ends(db):
     from apps.api import ratelimit
 
