@@ -139,6 +139,12 @@ class DeliveryAdmin(OwnerScopedAdminMixin, ReadOnlyMixin, ModelAdmin):
     )
     readonly_fields = fields
 
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Delivery]:
+        # An inner join on every page, the change view included: the outbox has no database
+        # foreign keys, so a listener may briefly hold rows of a just-deleted destination
+        # (until the sweep removes them); they are not shown rather than failing the page.
+        return super().get_queryset(request).select_related("destination")
+
     @display(description="Status", ordering="status", label=STATUS_LABELS)
     def state(self, obj: Delivery) -> str:
         return obj.get_status_display()

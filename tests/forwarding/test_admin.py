@@ -195,3 +195,26 @@ def test_the_tab_refreshes_itself_for_members_only(client, alice, charlie, world
     assert 'id="delivery-tab"' in html and "Alice&#x27;s lake" in html
     client.force_login(charlie)
     assert client.get(url).status_code == 404
+
+
+def test_rows_of_a_just_deleted_destination_do_not_break_the_pages(
+    client, alice, receiver, alice_owner, alice_lamp
+) -> None:
+    """Until the sweep removes them, outbox rows a listener wrote for a destination deleted
+    under its route cache are hidden (the outbox has no database foreign keys)."""
+    from django.db import transaction
+
+    from apps.forwarding import outbox
+
+    doomed = make_webhook(alice_owner, receiver.url())
+    outbox.routes_for({alice_owner.pk})  # the listener's cache, a moment ago
+    doomed.delete()
+    with transaction.atomic():
+        write_outbox([make_event(alice_lamp)])
+    stray = Delivery.objects.get()
+    client.force_login(alice)
+    change = client.get(reverse("admin:forwarding_delivery_change", args=[stray.pk]))
+    assert change.status_code == 404  # as for any object not to be seen, not a server error
+    listing = client.get(reverse("admin:forwarding_delivery_changelist"))
+    assert listing.status_code == 200 and stray.message_id not in listing.content.decode()
+    assert client.get(owner_page(alice_owner)).status_code == 200
