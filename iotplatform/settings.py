@@ -175,7 +175,7 @@ elif CHANNEL_LAYER_URL == "memory":
 else:
     raise ImproperlyConfigured(f"CHANNEL_LAYER_URL not understood: {CHANNEL_LAYER_URL!r}")
 
-# --- Cache (rate limits, login throttling) ----------------------------------------------------
+# --- Cache (delivery rate limits, which live groups pages watch) ------------------------------
 CACHES = {"default": env.cache_url("CACHE_URL", default="locmemcache://")}
 if CACHES["default"]["BACKEND"].endswith("LocMemCache") and EMBEDDED:
     # Shared by every process of the embedded platform.

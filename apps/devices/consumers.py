@@ -7,6 +7,8 @@ Anything a browser receives is built in `apps.devices.live`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -49,12 +51,22 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
             self.all_owners = True
             ids = await database_sync_to_async(_all_owner_ids)()
         self.owner_ids = set(ids)
-        for owner_id in self.owner_ids:
-            await self.channel_layer.group_add(live.owner_group(owner_id), self.channel_name)
+        groups = [live.owner_group(owner_id) for owner_id in self.owner_ids]
+        # Marked watched before joining, and joined before the snapshot: whatever the snapshot
+        # misses was committed later, and its message is sent to a group we are in.
+        await self._mark_watched(groups)
+        for group in groups:
+            await self.channel_layer.group_add(group, self.channel_name)
+        self._renewing = asyncio.create_task(self._renew_watch())
         await self.accept()
         await self.send_json(await self._snapshot())
 
     async def disconnect(self, code: int) -> None:
+        renewing = getattr(self, "_renewing", None)
+        if renewing is not None:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
         # `connect` may have refused before setting anything up.
         for owner_id in getattr(self, "owner_ids", ()):
             await self.channel_layer.group_discard(live.owner_group(owner_id), self.channel_name)
@@ -98,6 +110,19 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
 
     # -- helpers --
 
+    async def _renew_watch(self) -> None:
+        """Keep this socket's groups marked watched while it is connected (live.watch)."""
+        while True:
+            await asyncio.sleep(live.WATCH_RENEW)
+            groups = [live.owner_group(o) for o in self.owner_ids]
+            await self._mark_watched([*groups, *self.device_groups.values()])
+
+    async def _mark_watched(self, groups: list[str]) -> None:
+        try:
+            await live.awatch(groups)
+        except Exception:  # a cache hiccup must not cost the socket; the next renewal heals
+            logger.warning("live: could not mark groups watched", exc_info=True)
+
     def _take_token(self) -> bool:
         now = time.monotonic()
         elapsed, self._tokens_at = now - self._tokens_at, now
@@ -125,6 +150,7 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
             )
             return
         group = live.device_group(pk)
+        await self._mark_watched([group])
         await self.channel_layer.group_add(group, self.channel_name)
         self.device_groups[device_id] = group
         await self.send_json({"type": "subscribed", "device": device_id})

@@ -26,7 +26,7 @@ import pytest
 from django.db import connections
 
 from tests.conftest import free_port, subprocess_env
-from tests.devices.live_helpers import isolated_layer_config
+from tests.devices.live_helpers import isolated_layer_config, shared_cache_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
@@ -136,11 +136,16 @@ class Server(PlatformProcess):
 
 
 @pytest.fixture
-def platform_env(transactional_db, settings, mqtt_broker) -> dict[str, str]:
-    """Environment of a platform process sharing this test's databases, channel layer and
-    MQTT broker (the embedded one, or Mosquitto in CI)."""
+def platform_env(transactional_db, settings, mqtt_broker, tmp_path) -> dict[str, str]:
+    """Environment of a platform process sharing this test's databases, channel layer, cache
+    and MQTT broker (the embedded one, or Mosquitto in CI).
+
+    The cache is shared as in production: pages mark the groups they watch in it, and the
+    listener's publisher sends only to those (apps.devices.live)."""
     layer = isolated_layer_config()
     settings.CHANNEL_LAYERS = layer
+    cache_dir = tmp_path / "shared-cache"
+    settings.CACHES = shared_cache_config(cache_dir)
     names = {alias: connections[alias].settings_dict["NAME"] for alias in settings.DATABASES}
     extra = {
         "DJANGO_SETTINGS_MODULE": "tests.browser.server_settings",
@@ -149,6 +154,7 @@ def platform_env(transactional_db, settings, mqtt_broker) -> dict[str, str]:
         "MQTT_URL": mqtt_broker.url,
         "MQTT_PROTOCOL": mqtt_broker.protocol,
         "MQTT_SHARED_GROUP": "",
+        "CACHE_URL": f"filecache://{cache_dir}",
     }
     prefix = layer["default"].get("CONFIG", {}).get("prefix")
     if prefix:

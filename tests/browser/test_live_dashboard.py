@@ -106,6 +106,8 @@ def test_a_published_status_change_shows_on_the_open_dashboard_without_reload(
     open_dashboard(page, server)
     expect(relay(page, lamp)).to_have_attribute("data-power", "ON")
     assert page.locator(f'.tile[data-device="{charlie_lamp.device_id}"]').count() == 0
+    # The server's socket marked alice's group watched, in the cache the publisher reads.
+    assert live.watched([live.owner_group(lamp.owner_id)]) == {live.owner_group(lamp.owner_id)}
 
     off = off_loop(set_state, lamp, power={"1": "OFF"})
     publisher.publish([off], [event(off, ev.POWER, {"old": "ON", "new": "OFF", "relay": 1})])

@@ -31,6 +31,17 @@ def isolated_layer_config() -> dict[str, Any]:
     return config
 
 
+def shared_cache_config(directory) -> dict[str, Any]:
+    """A cache every process can read (files), as production's Redis cache: with it, the
+    listener's publisher sends only to groups a socket marked as watched (`live.watch`)."""
+    return {
+        "default": {
+            "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+            "LOCATION": str(directory),
+        }
+    }
+
+
 def session_cookie(user) -> str:
     client = Client()
     client.force_login(user)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ from channels.layers import get_channel_layer
 from apps.devices import live
 from apps.devices.models import Device
 
-from .live_helpers import ALL_DATABASES, event, isolated_layer_config
+from .live_helpers import ALL_DATABASES, event, isolated_layer_config, shared_cache_config
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=ALL_DATABASES)
 TIMEOUT = 5
@@ -37,6 +38,7 @@ class Listener:
     async def __aenter__(self) -> Listener:
         self.layer = get_channel_layer()
         self.channel = await self.layer.new_channel()
+        await live.awatch(self.groups)  # as a socket does
         for group in self.groups:
             await self.layer.group_add(group, self.channel)
         return self
@@ -215,3 +217,65 @@ def test_chart_values_reads_meters_and_tasmota_and_skips_non_numbers():
     tasmota = {"Time": "2024-01-01T00:00:00", "ENERGY": {"Total": 3.5, "Power": 60, "Voltage": 230}}
     assert live.chart_values(tasmota) == {"energy": 3.5, "power": 60.0, "voltage": 230.0}
     assert live.chart_values({"power": float("nan"), "energy": float("inf")}) == {}
+
+
+def test_only_groups_a_socket_watches_are_sent_to(settings, tmp_path, alice_lamp, charlie_lamp):
+    settings.CACHES = shared_cache_config(tmp_path)
+    publisher = live.BatchPublisher(flush_interval=0.01)
+
+    async def scenario() -> None:
+        async with Listener(live.owner_group(alice_lamp.owner_id)) as listener:
+            publisher.start()
+            # charlie's group has news too, but no socket is in it.
+            publisher.publish([with_power(alice_lamp, "ON"), with_power(charlie_lamp, "ON")], [])
+            assert await idle(publisher)
+            message = await listener.receive()
+            assert message["owner_id"] == alice_lamp.owner_id
+
+    try:
+        run(scenario)
+    finally:
+        publisher.stop()
+    assert (publisher.sent, publisher.unwatched) == (1, 1)
+
+
+def test_a_watch_mark_lives_its_time_to_live(settings, tmp_path, monkeypatch):
+    settings.CACHES = shared_cache_config(tmp_path)
+    monkeypatch.setattr(live, "WATCH_TTL", 1)
+    live.watch(["owner.1", "device.2"])
+    assert live.watched(["owner.1", "device.2", "device.3"]) == {"owner.1", "device.2"}
+    time.sleep(1.2)
+    assert live.watched(["owner.1", "device.2"]) == set()
+
+
+def test_a_cache_of_one_process_cannot_tell_so_every_group_counts_as_watched(settings):
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    assert not live.watch_is_shared()
+    assert live.watched(["owner.1", "device.2"]) == {"owner.1", "device.2"}
+
+
+def test_an_unreachable_cache_sends_to_every_group(settings, alice_lamp, caplog):
+    # Nothing listens on port 9: asking who watches fails; pages must still get their news.
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": "redis://127.0.0.1:9/0",
+        }
+    }
+    publisher = live.BatchPublisher(flush_interval=0.01)
+
+    async def scenario() -> None:
+        layer = get_channel_layer()
+        channel = await layer.new_channel()
+        await layer.group_add(live.owner_group(alice_lamp.owner_id), channel)
+        publisher.start()
+        publisher.publish([with_power(alice_lamp, "ON")], [])
+        assert await idle(publisher)
+        message = await asyncio.wait_for(layer.receive(channel), TIMEOUT)
+        assert message["owner_id"] == alice_lamp.owner_id
+
+    try:
+        run(scenario)
+    finally:
+        publisher.stop()
+    assert publisher.sent == 1 and "who watches is unknown" in caplog.text

@@ -7,6 +7,7 @@ way the product sends them: `BatchPublisher` from the listener, `send_after_comm
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,15 +23,24 @@ from apps.devices.consumers import CLIENT_BURST, CLOSE_SCOPE_CHANGED
 from apps.devices.models import Connection, Device
 from apps.owners.models import Membership
 
-from .live_helpers import ALL_DATABASES, communicator, event, isolated_layer_config, session_cookie
+from .live_helpers import (
+    ALL_DATABASES,
+    communicator,
+    event,
+    isolated_layer_config,
+    session_cookie,
+    shared_cache_config,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=ALL_DATABASES)
 TIMEOUT = 5
 
 
 @pytest.fixture(autouse=True)
-def _layer(settings):
+def _layer(settings, tmp_path):
     settings.CHANNEL_LAYERS = isolated_layer_config()
+    # Shared, as in production: the publisher sends only to groups the sockets marked watched.
+    settings.CACHES = shared_cache_config(tmp_path / "cache")
 
 
 @pytest.fixture
@@ -305,6 +315,45 @@ def test_an_envelope_of_another_owner_is_not_forwarded_even_in_our_group(
         layer = get_channel_layer()
         await layer.group_send(live.owner_group(charlie_lamp.owner_id), leaked)
         assert await socket.receive_nothing(timeout=0.5)
+        await socket.disconnect()
+
+    run(scenario)
+
+
+def test_a_socket_keeps_its_groups_watched_while_connected(alice, alice_meter, monkeypatch):
+    monkeypatch.setattr(live, "WATCH_TTL", 1)
+    monkeypatch.setattr(live, "WATCH_RENEW", 0.2)
+    cookie = session_cookie(alice)
+    groups = {live.owner_group(alice_meter.owner_id), live.device_group(alice_meter.pk)}
+    unwatched = live.owner_group(alice_meter.owner_id + 1000)
+
+    async def scenario() -> None:
+        socket, _ = await open_socket(cookie)
+        await socket.send_json_to({"type": "subscribe", "device": "alice-meter-1"})
+        await socket.receive_json_from(timeout=TIMEOUT)
+        await asyncio.sleep(1.5)  # longer than a mark lives: renewed meanwhile
+        assert await sync_to_async(live.watched)([*groups, unwatched]) == groups
+        await socket.disconnect()
+        await asyncio.sleep(1.2)  # no renewal after the socket went away
+        assert await sync_to_async(live.watched)(groups) == set()
+
+    run(scenario)
+
+
+def test_nobody_watching_costs_no_sends_and_a_page_opened_later_gets_news(
+    alice, alice_lamp, publisher
+):
+    cookie = session_cookie(alice)
+
+    async def scenario() -> None:
+        publisher.publish([await sync_to_async(switched_off)(alice_lamp)], [])
+        assert await sync_to_async(publisher.wait_idle)(TIMEOUT)
+        assert publisher.unwatched == 1 and publisher.sent == 0
+        socket, snapshot = await open_socket(cookie)
+        assert snapshot["devices"][0]["power"] == {"1": "OFF"}  # what was not sent is here
+        publisher.publish([await sync_to_async(switched_off)(alice_lamp)], [])
+        message = await socket.receive_json_from(timeout=TIMEOUT)
+        assert message["type"] == "device" and publisher.sent == 1
         await socket.disconnect()
 
     run(scenario)
