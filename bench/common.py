@@ -24,6 +24,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = os.environ.get("BENCH_SMALL") == "1"
 PG_ADMIN_URL = os.environ.get("BENCH_POSTGRES_URL", "postgres://root@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379")
+# The listeners push to live pages as in production: the Redis channel layer, and a shared
+# cache, in which no page marks a group as watched (so nothing is sent: see apps.devices.live).
+# BENCH_LIVE=0: they do not push at all (`mqtt_listen --no-live`).
+LIVE = os.environ.get("BENCH_LIVE", "1") == "1"
 
 
 def log(*args: object) -> None:
@@ -33,6 +38,96 @@ def log(*args: object) -> None:
 def emit(figures: dict) -> None:
     """The benchmark's result: always the last line on stdout."""
     print(json.dumps(figures, sort_keys=True), flush=True)
+
+
+# --- CPU accounting ---------------------------------------------------------------------------
+# On a shared two-core machine rates drift from run to run; CPU per event by part does much less,
+# and says where the time goes.
+
+MOSQUITTO_PIDS: dict[str, int] = {}  # URL -> pid of the private broker serving it
+
+
+def _proc_cpu() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, user + system CPU seconds) of every process."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        found[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks)
+    return found
+
+
+def tree_cpu(*pids: int) -> float:
+    """User + system CPU seconds of processes and their live descendants (Celery's prefork
+    children are alive while measured, so /proc's cutime would miss them)."""
+    stats = _proc_cpu()
+    total, todo = 0.0, list(pids)
+    while todo:
+        current = todo.pop()
+        total += stats.get(current, (0, 0.0))[1]
+        todo.extend(child for child, (parent, _cpu) in stats.items() if parent == current)
+    return total
+
+
+def pg_backend_cpu(*, databases: list[str] | None = None, application: str | None = None) -> float:
+    """CPU seconds of the PostgreSQL backends serving `databases` or `application` (the client's
+    `application_name`; libpq takes it from PGAPPNAME)."""
+    import psycopg
+
+    admin = PG_ADMIN_URL.replace("postgres://", "postgresql://", 1)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        if databases is not None:
+            rows = conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = ANY(%s)", (databases,)
+            ).fetchall()
+        else:
+            rows = conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (application,)
+            ).fetchall()
+    stats = _proc_cpu()
+    return sum(stats.get(pid, (0, 0.0))[1] for (pid,) in rows)
+
+
+def machine_busy() -> float:
+    """Non-idle CPU seconds of the whole machine, all cores (from /proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds of named parts between a first and a last mark, per event.
+
+    `parts`: name -> a function giving that part's CPU seconds so far. The machine's total is
+    always measured too, and "other" is what no part accounts for (Redis, the kernel, the
+    benchmark's own sampling, anything else running)."""
+
+    def __init__(self, parts: dict) -> None:
+        self.parts = {**parts, "machine": machine_busy}
+        self.first: tuple[int, dict[str, float]] | None = None
+        self.last: tuple[int, dict[str, float]] | None = None
+
+    def mark(self, events: int) -> None:
+        """The first call marks the start; each later one moves the end."""
+        snapshot = (events, {name: read() for name, read in self.parts.items()})
+        if self.first is None:
+            self.first = snapshot
+        else:
+            self.last = snapshot
+
+    def per_event_us(self) -> dict[str, float] | None:
+        """Microseconds of CPU per event between the marks, by part."""
+        if self.first is None or self.last is None or self.last[0] <= self.first[0]:
+            return None
+        (n0, a), (n1, b) = self.first, self.last
+        out = {name: round((b[name] - a[name]) / (n1 - n0) * 1e6, 1) for name in a}
+        out["other"] = round(out["machine"] - sum(v for k, v in out.items() if k != "machine"), 1)
+        return out
 
 
 def free_port() -> int:
@@ -70,10 +165,13 @@ def mosquitto() -> Iterator[str]:
             "max_queued_messages 0\nmax_inflight_messages 0\nmax_packet_size 70000\n"
         )
         proc = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.DEVNULL)
+        url = f"mqtt://127.0.0.1:{port}"
+        MOSQUITTO_PIDS[url] = proc.pid
         try:
             wait_port(port, proc)
-            yield f"mqtt://127.0.0.1:{port}"
+            yield url
         finally:
+            MOSQUITTO_PIDS.pop(url, None)
             proc.terminate()
             proc.wait(10)
 
@@ -105,12 +203,18 @@ def platform_env(database_url: str, **extra: str) -> dict[str, str]:
         FIELD_ENCRYPTION_KEYS=env.get("FIELD_ENCRYPTION_KEYS")
         or "kbench:" + base64.urlsafe_b64encode(os.urandom(32)).decode(),
         CELERY_BROKER_URL=env.get("BENCH_CELERY_BROKER_URL", "memory://"),
-        CHANNEL_LAYER_URL="memory",
+        CHANNEL_LAYER_URL=f"{REDIS_URL}/13",
+        CACHE_URL=f"{REDIS_URL}/15",
         LOG_LEVEL="WARNING",
         VAR_DIR=env.get("VAR_DIR") or str(Path(tempfile.gettempdir()) / "iot-bench-var"),
     )
     env.update(extra)
     return env
+
+
+def listen_args() -> list[str]:
+    """`mqtt_listen`'s options for LIVE."""
+    return [] if LIVE else ["--no-live"]
 
 
 def manage(*args: str, env: dict[str, str]) -> None:

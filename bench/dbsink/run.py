@@ -31,13 +31,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.common import (  # noqa: E402
+    LIVE,
+    MOSQUITTO_PIDS,
     PG_ADMIN_URL,
+    REDIS_URL,
     ROOT,
     SMALL,
+    CpuMeter,
     emit,
+    listen_args,
     log,
     mosquitto,
     percentile,
+    pg_backend_cpu,
     platform_env,
     postgres_database,
     publish_meters,
@@ -45,6 +51,7 @@ from bench.common import (  # noqa: E402
     spawn_celery_workers,
     spawn_manage,
     stop_group,
+    tree_cpu,
 )
 
 BACKLOG = 10_000 if SMALL else 100_000
@@ -60,7 +67,6 @@ WORKERS = int(os.environ.get("BENCH_WORKERS", "2"))  # Celery prefork processes
 LISTENERS = int(os.environ.get("BENCH_LISTENERS", "2"))
 # A subset of the phases, e.g. BENCH_PHASES=fast (while working on one of them).
 PHASES = set(os.environ.get("BENCH_PHASES", "raw,backlog,fast,steady").split(","))
-REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379")
 MARIADB = os.environ.get("BENCH_MARIADB_URL", "mysql://root@127.0.0.1:3306/")
 BATCH = 1000
 
@@ -315,27 +321,6 @@ def fill_backlog(env: dict[str, str], count: int, prefix: str) -> None:
     )
 
 
-def tree_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process and its live descendants (Celery's prefork
-    children are alive while measured, so /proc's cutime would miss them)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    stats: dict[int, tuple[int, float]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks)
-    total, todo = 0.0, [pid]
-    while todo:
-        current = todo.pop()
-        total += stats.get(current, (0, 0.0))[1]
-        todo.extend(child for child, (parent, _cpu) in stats.items() if parent == current)
-    return total
-
-
 def backend_cpu(databases: list[str]) -> dict[int, float]:
     """CPU seconds of each PostgreSQL backend serving these databases (the server's side)."""
     import psycopg
@@ -422,9 +407,12 @@ def telemetry_high_water(platform) -> int:
     return platform.execute("SELECT coalesce(max(id), 0) FROM devices_telemetry").fetchone()[0]
 
 
-def fast_phase(env: dict, mqtt_url: str, targets: Targets) -> dict:
+def fast_phase(env: dict, mqtt_url: str, targets: Targets, parts: dict) -> dict:
     """FAST_EVENTS offered at FAST_RATE/s into PostgreSQL: the listeners ingest as fast as they
-    can; does delivery keep up with them (the delivery backlog stays bounded)?"""
+    can; does delivery keep up with them (the delivery backlog stays bounded)?
+
+    `parts`: what CPU to account per event (CpuMeter), measured from a quarter to nine tenths
+    of the events ingested: the rate alone drifts with the shared machine's speed."""
     import psycopg
 
     enable(env, "pg")
@@ -443,9 +431,18 @@ def fast_phase(env: dict, mqtt_url: str, targets: Targets) -> dict:
     ).fetchone()
     t0 = time.monotonic()
     pub = publish_meters(mqtt_url, n, FAST_RATE, prefix, DEVICES, first_seq=2)
+    meter = CpuMeter(
+        {
+            **parts,
+            "publisher": lambda: tree_cpu(pub.pid),
+            "owner_db": lambda: pg_backend_cpu(databases=[targets.name]),
+        }
+    )
     samples: list[tuple[float, int, int]] = []  # (s, ingested, delivery backlog)
     while True:
         got = telemetry_high_water(platform) - base
+        if n // 4 <= got < n * 0.9:
+            meter.mark(got)
         # Sinks claim by row lock: their rows stay 'pending' until written (the due index).
         backlog = platform.execute(
             "SELECT count(*) FROM forwarding_delivery"
@@ -488,6 +485,7 @@ def fast_phase(env: dict, mqtt_url: str, targets: Targets) -> dict:
         "fast_backlog_max": max(backlogs),
         "fast_backlog_mean": round(sum(backlogs) / len(backlogs)),
         "fast_backlog_end": backlogs[-1],
+        "fast_cpu_us_per_event": meter.per_event_us(),
     }
 
 
@@ -543,6 +541,7 @@ def main() -> None:
         "small": SMALL,
         "workers": WORKERS,
         "listeners": LISTENERS,
+        "live": LIVE,
         "batch_size": BATCH,
     }
     try:
@@ -553,8 +552,7 @@ def main() -> None:
                 database_url,
                 MQTT_URL=mqtt_url,
                 MQTT_PROTOCOL="5",
-                CELERY_BROKER_URL=f"{REDIS}/14",
-                CACHE_URL=f"{REDIS}/15",
+                CELERY_BROKER_URL=f"{REDIS_URL}/14",
                 DELIVERY_QUEUE=queue,
                 EGRESS_ALLOW="127.0.0.1/32",
                 # Operator caps far above what this machine can write: measure the pipeline.
@@ -566,12 +564,17 @@ def main() -> None:
                 figures.update(backlog_phase(env, queue, targets, "postgres", "bp"))
                 figures.update(backlog_phase(env, queue, targets, "mysql", "bm"))
 
-            workers = spawn_celery_workers(env, queue, WORKERS)
-            listen_env = {**env, "MQTT_SHARED_GROUP": "bench" if LISTENERS > 1 else ""}
+            # PGAPPNAME (libpq): the CPU of each one's PostgreSQL backends is told apart.
+            workers = spawn_celery_workers({**env, "PGAPPNAME": "bench-worker"}, queue, WORKERS)
+            listen_env = {
+                **env,
+                "MQTT_SHARED_GROUP": "bench" if LISTENERS > 1 else "",
+                "PGAPPNAME": "bench-listener",
+            }
             listeners = [
                 spawn_manage(
                     "mqtt_listen",
-                    "--no-live",
+                    *listen_args(),
                     "--client-id",
                     f"bench-dbsink-listener-{n}",
                     env=listen_env,
@@ -582,7 +585,14 @@ def main() -> None:
             try:
                 time.sleep(4)  # start-up and subscriptions
                 if "fast" in PHASES:
-                    figures.update(fast_phase(env, mqtt_url, targets))
+                    parts = {
+                        "listeners": lambda: tree_cpu(*(p.pid for p in listeners)),
+                        "listener_pg": lambda: pg_backend_cpu(application="bench-listener"),
+                        "mosquitto": lambda: tree_cpu(MOSQUITTO_PIDS[mqtt_url]),
+                        "workers": lambda: tree_cpu(workers.pid),
+                        "worker_pg": lambda: pg_backend_cpu(application="bench-worker"),
+                    }
+                    figures.update(fast_phase(env, mqtt_url, targets, parts))
                     time.sleep(2)
                 if "steady" in PHASES:
                     figures.update(steady_phase(env, mqtt_url, targets))

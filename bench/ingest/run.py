@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,10 +28,12 @@ from urllib.parse import urlparse
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.common import (  # noqa: E402
+    LIVE,
     ROOT,
     SMALL,
     cpu_seconds,
     emit,
+    listen_args,
     log,
     mosquitto,
     percentile,
@@ -55,8 +59,8 @@ STEADY_COLD = os.environ.get("BENCH_STEADY_COLD") == "1"
 # A lean load generator: MQTT 3.1.1 PUBLISH packets encoded from a byte template and written to
 # a plain socket, many per sendall. A paho publisher took most of a core at burst rates, on the
 # same two cores as the system under test. QoS 1: packet ids with a bounded in-flight window,
-# a reader thread counting PUBACKs. The end of a QoS 0 run is a PINGREQ answered: the broker
-# reads a connection in order, so by then it has taken every PUBLISH.
+# PUBACKs counted by the writer between sends. The end of a QoS 0 run is a PINGREQ answered:
+# the broker reads a connection in order, so by then it has taken every PUBLISH.
 # It reports on stderr, as one line "publisher {json}": start (the first byte of the first
 # PUBLISH, time.time()), end, count and its own CPU seconds.
 
@@ -96,61 +100,64 @@ def _recv_exact(sock, n: int) -> bytes:
     return data
 
 
-class _Acks(threading.Thread):
-    """Reads the broker's packets (PUBACKs; a PINGRESP); counts them, wakes the writer."""
+class _Acks:
+    """The broker's packets to this client (PUBACKs, a PINGRESP), read by the writer itself
+    between sends, without blocking: a reader thread woken for every arriving chunk cost this
+    load generator more CPU (thread hand-offs) than encoding the messages."""
 
     def __init__(self, sock) -> None:
-        super().__init__(daemon=True)
         self.sock = sock
+        self.buf = b""
         self.acked = 0
         self.pong = False
-        self.error: Exception | None = None
-        self.cond = threading.Condition()
 
-    def run(self) -> None:
-        buf = b""
-        try:
-            while True:
-                data = self.sock.recv(65536)
-                if not data:
-                    raise ConnectionError("broker closed the connection")
-                buf += data
-                acked, pong, i = 0, False, 0
-                while len(buf) - i >= 2:
-                    kind, length, j = buf[i], 0, i + 1
-                    shift = 0
-                    while j < len(buf):
-                        length |= (buf[j] & 0x7F) << shift
-                        shift += 7
-                        j += 1
-                        if not buf[j - 1] & 0x80:
-                            break
-                    else:
-                        break
-                    if len(buf) < j + length:
-                        break
-                    if kind >> 4 == 4:
-                        acked += 1
-                    elif kind >> 4 == 13:
-                        pong = True
-                    i = j + length
-                buf = buf[i:]
-                if acked or pong:
-                    with self.cond:
-                        self.acked += acked
-                        self.pong = self.pong or pong
-                        self.cond.notify_all()
-        except (OSError, ConnectionError) as exc:
-            with self.cond:
-                self.error = exc
-                self.cond.notify_all()
+    def read(self, wait: float = 0.0) -> None:
+        """Take what has arrived; with `wait`, first wait up to that long for something."""
+        if wait:
+            select.select([self.sock], [], [], wait)
+        while True:
+            try:
+                data = self.sock.recv(65536, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            if not data:
+                raise ConnectionError("broker closed the connection")
+            self._parse(self.buf + data)
+            if len(data) < 65536:
+                return
+
+    def _parse(self, buf: bytes) -> None:
+        # The usual case, counted in C: nothing but 4-byte PUBACKs (0x40 0x02 id id).
+        n = len(buf) // 4
+        if n and buf[0 : 4 * n : 4] == b"\x40" * n and buf[1 : 4 * n : 4] == b"\x02" * n:
+            self.acked += n
+            buf = buf[4 * n :]
+        i = 0
+        while len(buf) - i >= 2:
+            kind, length, j, shift = buf[i], 0, i + 1, 0
+            while j < len(buf):
+                length |= (buf[j] & 0x7F) << shift
+                shift += 7
+                j += 1
+                if not buf[j - 1] & 0x80:
+                    break
+            else:
+                break
+            if len(buf) < j + length:
+                break
+            if kind >> 4 == 4:
+                self.acked += 1
+            elif kind >> 4 == 13:
+                self.pong = True
+            i = j + length
+        self.buf = buf[i:]
 
     def wait(self, predicate, timeout: float = 120) -> None:
-        with self.cond:
-            if not self.cond.wait_for(lambda: predicate() or self.error, timeout):
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
                 raise TimeoutError("the broker did not acknowledge in time")
-            if self.error and not predicate():
-                raise self.error
+            self.read(wait=0.05)
 
 
 def publish(
@@ -159,7 +166,6 @@ def publish(
     """Publish `count` meter-v2 telemetry messages, `ts` = the time each was sent (ms), to
     `devices` meters in turn, each meter's `seq` counting from `first_seq`."""
     import resource
-    import socket
 
     u = urlparse(url)
     sock = socket.create_connection((u.hostname, u.port))
@@ -169,7 +175,6 @@ def publish(
     if connack[0] != 0x20 or connack[3] != 0:
         raise ConnectionError(f"CONNACK refused: {connack!r}")
     acks = _Acks(sock)
-    acks.start()
 
     topics = [f"iot/{prefix}-{d}/telemetry".encode() for d in range(devices)]
     topic_fields = [len(t).to_bytes(2, "big") + t for t in topics]
@@ -190,6 +195,7 @@ def publish(
         return b"".join(parts)
 
     def send(lo: int, hi: int) -> None:
+        acks.read()
         if qos:
             acks.wait(lambda: hi - acks.acked <= PUBLISH_WINDOW)
         sock.sendall(encode(lo, hi))
@@ -202,8 +208,8 @@ def publish(
             due = min(count, int((time.perf_counter() - t0) * rate) + 1)
             if due <= sent:
                 # At least a tick: a fleet's messages go out in small bursts instead of one
-                # send (and one wake-up of the ack reader) per message, which cost this load
-                # generator ~60 us of CPU per message at 8,000/s, on the platform's cores.
+                # send (and one wake-up) per message, which cost this load generator ~60 us
+                # of CPU per message at 8,000/s, on the platform's cores.
                 time.sleep(max(PUBLISH_TICK, t0 + sent / rate - time.perf_counter()))
                 continue
             hi = min(due, sent + PUBLISH_CHUNK)
@@ -398,7 +404,7 @@ def platform_run(mqtt_url: str, database_url: str, qos: int, watcher: CommitWatc
     listeners = [
         spawn_manage(
             "mqtt_listen",
-            "--no-live",
+            *listen_args(),
             "--client-id",
             # Stable ids: a copy that restarts resumes its session (and its share of messages).
             f"bench-listener-{n}",
@@ -483,6 +489,7 @@ def main() -> None:
             "small": SMALL,
             "steady_cold": STEADY_COLD,
             "listeners": LISTENERS,
+            "live": LIVE,
             "devices": DEVICES,
             "burst": BURST,
             "publisher_qos0_per_s": round(sent0),

@@ -29,11 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import contextlib
 
 from bench.common import (  # noqa: E402
+    LIVE,
     ROOT,
     SMALL,
     cpu_seconds,
     emit,
     free_port,
+    listen_args,
     log,
     mosquitto,
     percentile,
@@ -252,7 +254,7 @@ def main() -> None:
 
                 # End to end: broker -> listener -> outbox -> workers -> receiver.
                 listener = spawn_manage(
-                    "mqtt_listen", "--no-live", "--client-id", "bench-webhooks-listener",
+                    "mqtt_listen", *listen_args(), "--client-id", "bench-webhooks-listener",
                     env=env, stderr=subprocess.DEVNULL,
                 )  # fmt: skip
                 try:
@@ -310,6 +312,7 @@ def main() -> None:
             "small": SMALL,
             "load_average_1m_at_end": round(load, 2),
             "workers": WORKERS,
+            "live": LIVE,
             "raw_signed_posts_per_s": round(raw),
             **drain,
             **burst,
