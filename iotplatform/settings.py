@@ -182,6 +182,9 @@ if CACHES["default"]["BACKEND"].endswith("LocMemCache") and EMBEDDED:
     CACHES["default"] = {
         "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
         "LOCATION": str(VAR_DIR / "cache"),
+        # Django's default of 300 entries would cull live pages' watch marks among the
+        # delivery rate-limit windows.
+        "OPTIONS": {"MAX_ENTRIES": 10_000},
     }
 
 # --- MQTT ------------------------------------------------------------------------------------

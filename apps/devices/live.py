@@ -32,9 +32,11 @@ import contextlib
 import logging
 import math
 import threading
-from collections import OrderedDict, deque
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -89,17 +91,28 @@ def watch_is_shared() -> bool:
     return not isinstance(caches["default"], LocMemCache | DummyCache)
 
 
+# Changed whenever a socket marks its groups (on joining, and every WATCH_RENEW seconds): a
+# publisher's answers about who watches stay valid until then. Marks that expire only cost it
+# sends to nobody until it asks again (WATCH_RECHECK); a mark the cache evicted early is back
+# with the socket's next renewal.
+WATCH_GENERATION = "live:watched:generation"
+WATCH_RECHECK = 5.0
+
+
 def watch(groups: Iterable[str]) -> None:
     """Mark `groups` as watched for WATCH_TTL seconds (a socket is in them)."""
     marks = {_watch_key(g): 1 for g in groups}
     if marks and watch_is_shared():
         cache.set_many(marks, timeout=WATCH_TTL)
+        # After the marks: a publisher that sees the new generation sees them too.
+        cache.set(WATCH_GENERATION, uuid.uuid4().hex, timeout=None)
 
 
 async def awatch(groups: Iterable[str]) -> None:
     marks = {_watch_key(g): 1 for g in groups}
     if marks and watch_is_shared():
         await cache.aset_many(marks, timeout=WATCH_TTL)
+        await cache.aset(WATCH_GENERATION, uuid.uuid4().hex, timeout=None)
 
 
 def watched(groups: Iterable[str]) -> set[str]:
@@ -113,6 +126,36 @@ def watched(groups: Iterable[str]) -> set[str]:
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
+
+
+class Watchers:
+    """A publisher's view of who watches: one cache read per flush while no socket has marked a
+    new group, and the marks themselves asked only for groups not seen since.
+
+    Nothing is missed: a socket writes its marks, then the generation, then joins the group, then
+    takes its snapshot. A flush that reads the generation before that write sends only data
+    committed before it, which the snapshot (taken after) holds; one that reads it after asks
+    the marks again and finds the new one."""
+
+    def __init__(self) -> None:
+        self.known: dict[str, bool] = {}
+        self.generation: Any = None
+        self.asked_at = -math.inf
+
+    def filter(self, groups: Collection[str]) -> set[str]:
+        if not watch_is_shared():
+            return set(groups)
+        now = time.monotonic()
+        generation = cache.get(WATCH_GENERATION)
+        if generation != self.generation or now - self.asked_at > WATCH_RECHECK:
+            self.known.clear()
+            self.generation, self.asked_at = generation, now
+        unknown = [g for g in groups if g not in self.known]
+        if unknown:
+            found = watched(unknown)
+            for g in unknown:
+                self.known[g] = g in found
+        return {g for g in groups if self.known[g]}
 
 
 # --- message shapes ---------------------------------------------------------------------------
@@ -287,31 +330,56 @@ def _send_now(group: str, payload: Message) -> None:
 # --- the listener's publisher -----------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
-    """What is waiting to be sent to one group; merged across batches until the next flush."""
+    """What is waiting to be sent to one group; merged across batches until the next flush.
+
+    Device states are built when published (the listener's device objects change with the next
+    batch). A device's events are kept as they are and turned into chart points and transition
+    entries only when sent, so a group nobody watches costs a list append per event."""
 
     owner_id: int
     device_id: str = ""
-    states: dict[int, Message] = field(default_factory=dict)
-    points: deque[Message] = field(default_factory=lambda: deque(maxlen=MAX_POINTS))
-    transitions: deque[Message] = field(default_factory=lambda: deque(maxlen=MAX_TRANSITIONS))
+    states: dict[int, Message] | None = None
+    points: list[ev.DeviceEvent] | None = None  # telemetry events, oldest first
+    transitions: list[ev.DeviceEvent] | None = None
     resync: bool = False
 
     def size(self) -> int:
-        return len(self.states) + len(self.points) + len(self.transitions)
+        return len(self.states or ()) + len(self.points or ()) + len(self.transitions or ())
 
-    def payloads(self) -> list[Message]:
+    def payloads(self) -> tuple[list[Message], int]:
+        """The layer messages, and how many entries the caps dropped."""
         out: list[Message] = []
+        dropped = 0
         if self.resync:
             out.append(resync_message())
         if self.states:
             out.append(devices_message(list(self.states.values())))
         if self.points:
-            out.append(telemetry_message(self.device_id, list(self.points)))
+            points = [p for e in self.points if (p := chart_point(e.ts, e.data))]
+            dropped += max(0, len(points) - MAX_POINTS)
+            if points:
+                out.append(telemetry_message(self.device_id, points[-MAX_POINTS:]))
         if self.transitions:
-            out.append(transition_message(self.device_id, list(self.transitions)))
-        return out
+            dropped += max(0, len(self.transitions) - MAX_TRANSITIONS)
+            entries = [transition_entry(e) for e in self.transitions[-MAX_TRANSITIONS:]]
+            out.append(transition_message(self.device_id, entries))
+        return out, dropped
+
+
+def _append_capped(entries: list[ev.DeviceEvent], event: ev.DeviceEvent, cap: int) -> int:
+    """Append; past four times `cap` keep the newest `cap` (the rest would be dropped when sent
+    anyway). Returns how many were dropped now."""
+    entries.append(event)
+    if len(entries) <= 4 * cap:
+        return 0
+    dropped = len(entries) - cap
+    del entries[:dropped]
+    return dropped
+
+
+_STREAM_EVENTS = frozenset({ev.TELEMETRY, ev.CONNECTION, ev.POWER})
 
 
 class BatchPublisher:
@@ -375,25 +443,25 @@ class BatchPublisher:
         if loop is None or self._stopping:
             raise RuntimeError("BatchPublisher is not running: call start() first")
         states = [(d.owner_id, d.pk, device_state(d)) for d in devices]
-        streams: list[tuple[ev.DeviceEvent, Message]] = []
-        for event in events:
-            if event.type == ev.TELEMETRY:
-                point = chart_point(event.ts, event.data)
-                if point:
-                    streams.append((event, point))
-            elif event.type in (ev.CONNECTION, ev.POWER):
-                streams.append((event, transition_entry(event)))
+        streams = [e for e in events if e.type in _STREAM_EVENTS]
         if not states and not streams:
             return
         with self._lock:
             for owner_id, pk, state in states:
-                self._slot(owner_group(owner_id), owner_id).states[pk] = state
-            for event, item in streams:
+                slot = self._slot(owner_group(owner_id), owner_id)
+                if slot.states is None:
+                    slot.states = {}
+                slot.states[pk] = state
+            for event in streams:
                 slot = self._slot(device_group(event.device_pk), event.owner_id, event.device_id)
-                target = slot.points if event.type == ev.TELEMETRY else slot.transitions
-                if len(target) == target.maxlen:
-                    self.dropped += 1
-                target.append(item)
+                if event.type == ev.TELEMETRY:
+                    if slot.points is None:
+                        slot.points = []
+                    self.dropped += _append_capped(slot.points, event, MAX_POINTS)
+                else:
+                    if slot.transitions is None:
+                        slot.transitions = []
+                    self.dropped += _append_capped(slot.transitions, event, MAX_TRANSITIONS)
             self._idle.clear()
         with contextlib.suppress(RuntimeError):  # the loop closed: stop() raced with us
             loop.call_soon_threadsafe(self._wake)
@@ -461,6 +529,7 @@ class BatchPublisher:
         # A layer instance of our own: layers hold loop-bound connections.
         layer = channel_layers.make_backend(self.layer_alias)
         limit = asyncio.Semaphore(self.concurrency)
+        watchers = Watchers()
         ready.set()
 
         async def send(group: str, message: Message) -> None:
@@ -483,18 +552,19 @@ class BatchPublisher:
                 batch = self._take()
                 if batch:
                     try:
-                        seen = watched(batch)
+                        seen = watchers.filter(batch)
                     except Exception:  # the cache is away: send everything rather than nothing
                         logger.warning("live: who watches is unknown", exc_info=True)
                         seen = set(batch)
                     self.unwatched += len(batch) - len(seen)
-                    await asyncio.gather(
-                        *(
-                            send(g, envelope(p.owner_id, p.payloads()))
-                            for g, p in batch.items()
-                            if g in seen
-                        )
-                    )
+                    messages = []
+                    for group, pending in batch.items():
+                        if group in seen:
+                            payloads, dropped = pending.payloads()
+                            self.dropped += dropped
+                            if payloads:
+                                messages.append((group, envelope(pending.owner_id, payloads)))
+                    await asyncio.gather(*(send(g, m) for g, m in messages))
                     with self._lock:
                         if self._pending or self._resync_owners:
                             self._wakeup.set()

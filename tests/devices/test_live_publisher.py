@@ -279,3 +279,17 @@ def test_an_unreachable_cache_sends_to_every_group(settings, alice_lamp, caplog)
     finally:
         publisher.stop()
     assert publisher.sent == 1 and "who watches is unknown" in caplog.text
+
+
+def test_a_publishers_view_of_watchers_sees_a_new_mark_at_once(settings, tmp_path, monkeypatch):
+    settings.CACHES = shared_cache_config(tmp_path)
+    monkeypatch.setattr(live, "WATCH_TTL", 1)
+    monkeypatch.setattr(live, "WATCH_RECHECK", 1.5)
+    view = live.Watchers()
+    assert view.filter(["owner.1", "device.2"]) == set()
+    live.watch(["device.2"])  # a socket joins: the next flush must know
+    assert view.filter(["owner.1", "device.2"]) == {"device.2"}
+    time.sleep(1.2)  # the mark expired (the socket went away): still sent to for a while
+    assert view.filter(["device.2"]) == {"device.2"}
+    time.sleep(0.5)  # asked again after WATCH_RECHECK
+    assert view.filter(["device.2"]) == set()
