@@ -35,9 +35,16 @@ def log(*args: object) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
-def emit(figures: dict) -> None:
-    """The benchmark's result: always the last line on stdout."""
+def emit(figures: dict, must: dict[str, bool] | None = None) -> None:
+    """The benchmark's result: always the last line on stdout. `must`: what has to hold for the
+    figures to mean anything (every event delivered, none lost, every signature valid); when
+    one does not, the benchmark says which and exits 1 (CI fails on it), after the figures.
+    Rates are never checked here: a shared machine's speed is not a failure."""
     print(json.dumps(figures, sort_keys=True), flush=True)
+    broken = [name for name, held in (must or {}).items() if not held]
+    if broken:
+        log(f"the run measured nothing valid: {', '.join(broken)}")
+        sys.exit(1)
 
 
 # --- CPU accounting ---------------------------------------------------------------------------
@@ -245,11 +252,19 @@ def send_drain_tasks(env: dict[str, str], count: int) -> float:
     return the time (epoch seconds) they were sent. A `manage.py shell` kick would start Django
     first — one to three seconds here, which would be counted as the pipeline's time."""
     from celery import Celery
+    from kombu import Exchange, Queue
 
-    app = Celery(broker=env["CELERY_BROKER_URL"])
+    app = Celery()
     app.conf.task_serializer = "json"
-    with app.connection_for_write() as conn:
+    name = env["DELIVERY_QUEUE"]
+    # The URL given to the connection itself: Celery lets a CELERY_BROKER_URL in this process's
+    # environment (a developer's shell, CI) override the app's broker, and the tasks went to
+    # another Redis database than the workers' — every drain task lost, nothing measured.
+    with app.connection_for_write(env["CELERY_BROKER_URL"]) as conn:
         conn.ensure_connection()
+        # Declared here too, as the worker declares it: on Redis a message sent to a queue no
+        # one has declared yet (a worker still starting) is dropped without a word.
+        Queue(name, Exchange(name, type="direct"), routing_key=name)(conn.default_channel).declare()
         sent = time.time()
         for _ in range(count):
             app.send_task("forwarding.drain", queue=env["DELIVERY_QUEUE"], connection=conn)

@@ -611,7 +611,19 @@ def main() -> None:
                 )
     finally:
         targets.close()
-    emit(figures)
+    must = {}
+    if "backlog" in PHASES:
+        must["the backlogs were drained"] = (
+            figures["backlog_pg_rows"] == figures["backlog_maria_rows"] == BACKLOG
+        )
+    if "fast" in PHASES:
+        must["every fast event was written"] = figures["fast_written"] == FAST_EVENTS
+    if "steady" in PHASES:
+        n = figures["steady_events"]
+        must["every steady event was written"] = (
+            figures["steady_pg_written"] == figures["steady_maria_written"] == n
+        )
+    emit(figures, must)
 
 
 if __name__ == "__main__":

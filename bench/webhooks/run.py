@@ -318,7 +318,15 @@ def main() -> None:
             **burst,
             "burst_ratio_to_raw": round(burst["burst_per_s"] / raw, 3),
             **steady,
-        }
+        },
+        must={
+            "the backlog was drained": drain["backlog_drained"] == BACKLOG,
+            "no burst event was lost": burst["burst_lost"] == 0,
+            "no steady event was lost": steady["steady_lost"] == 0,
+            "every signature was valid": not (
+                drain["backlog_bad_signatures"] or burst["burst_bad_signatures"]
+            ),
+        },
     )
 
 
