@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import logging
 import secrets
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models.signals import post_delete
+from django.dispatch import receiver
 from django.utils import timezone
 
 from apps.core.crypto import Secret
@@ -226,6 +230,63 @@ def prune(admin: DynsecAdmin, *, dry_run: bool = False) -> list[str]:
     if not dry_run:
         broker.apply(admin, steps)
     return [s.text for s in steps]
+
+
+# Usernames of credentials deleted in the current transaction, per database connection (one
+# per thread): removed from the broker together, in one broker session, after the commit.
+_deleted_logins: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
+@receiver(post_delete, sender=DeviceCredential, dispatch_uid="devices.credential_deleted")
+def _credential_deleted(sender: type, instance: DeviceCredential, using: str, **kw: Any) -> None:
+    """A deleted credential (its device deleted, in the admin, the API or a cascade from its
+    owner) loses its broker login once the deletion commits: the device is disconnected and
+    cannot log in again. Without this its login lived on until `provision_broker --all`."""
+    connection = transaction.get_connection(using)
+    _deleted_logins.setdefault(connection, set()).add(instance.username)
+    # One callback per row; the first after the commit removes them all. Names left by a
+    # transaction that rolled back are taken by the next one: remove_logins skips any that
+    # still has its active credential.
+    transaction.on_commit(partial(_remove_deleted, connection), using=using)
+
+
+def _remove_deleted(connection: Any) -> None:
+    usernames = _deleted_logins.pop(connection, set())
+    if usernames:
+        remove_logins(sorted(usernames))
+
+
+def remove_logins(usernames: list[str]) -> list[str]:
+    """Delete logins the database no longer has from the broker; what was done, in words.
+
+    A username is left alone when an active credential has it again by now (a device re-created
+    under the same id meanwhile). One broker session for all; a broker that is down or not
+    configured is logged, and `provision_broker --all` removes the logins later (orphans)."""
+    active = set(
+        DeviceCredential.objects.filter(
+            username__in=usernames, revoked_at__isnull=True
+        ).values_list("username", flat=True)
+    )
+    gone = [u for u in usernames if u not in active]
+    if not gone:
+        return []
+    done: list[str] = []
+    try:
+        with DynsecAdmin.from_settings() as admin:
+            for username in gone:
+                steps = broker.plan(admin, username, None)
+                broker.apply(admin, steps)
+                done += [s.text for s in steps]
+    except BrokerNotConfigured:
+        return done
+    except BrokerError as exc:
+        logger.warning(
+            "broker login of deleted credential not removed usernames=%s error=%r; "
+            "`manage.py provision_broker --all` removes them",
+            ",".join(gone),
+            str(exc),
+        )
+    return done
 
 
 @contextmanager

@@ -53,7 +53,7 @@ def test_it_provisions_devices_and_says_what_it_did(alice_owner, broker_settings
 
 @COMMITTING
 def test_all_issues_missing_logins_and_removes_orphaned_ones(
-    alice_owner, charlie_owner, broker_settings, peers
+    alice_owner, charlie_owner, broker_settings, peers, settings
 ):
     kept, new, gone = device(alice_owner), device(charlie_owner), device(alice_owner)
     issue_credential(kept)
@@ -61,7 +61,10 @@ def test_all_issues_missing_logins_and_removes_orphaned_ones(
     gone_password = password_of(gone)
     gone_peer = peers(broker_settings, gone.device_id, gone_password)
     assert not gone_peer.connect().is_failure
-    gone.delete()  # deleted without a revocation: its broker login outlives it
+    settings.MQTT_ADMIN_URL = "mqtt://127.0.0.1:9"  # the broker is away when it is deleted:
+    gone.delete()  # its login outlives it
+    settings.MQTT_ADMIN_URL = broker_settings.url
+    assert not peers(broker_settings, gone.device_id, gone_password).connect().is_failure
 
     out, _ = provision("--all")
 

@@ -226,3 +226,85 @@ def test_a_group_added_by_hand_is_removed_but_a_stale_description_disturbs_nobod
         outcome = committed(sync_credential, device)
         assert outcome.steps == [f"updated roles of client {name} (disconnected)"]
         assert admin.get(get, "")["client"]["groups"] == []
+
+
+def test_deleting_a_device_removes_its_login_and_disconnects_it(
+    alice_owner, broker_settings, peers, committed
+):
+    device = lamp(alice_owner)
+    committed(issue_credential, device)
+    password = password_of(device)
+    peer = online(peers, broker_settings, device)
+
+    committed(device.delete)  # as the admin and the API delete, cascading to the credential
+
+    assert peer.wait(lambda: peer.disconnects), "the broker did not disconnect the device"
+    assert peers(broker_settings, device.device_id, password).connect().is_failure
+    with broker_settings.admin() as admin:
+        for command, missing in (
+            ({"command": "getClient", "username": device.device_id}, "Client not found"),
+            ({"command": "getRole", "rolename": f"device-{device.device_id}"}, "Role not found"),
+        ):
+            assert admin.get(command, missing) is None
+
+
+def test_a_login_re_issued_under_the_same_name_is_not_removed_by_an_old_deletion(
+    alice_owner, broker_settings, peers, committed
+):
+    from apps.devices.credentials import remove_logins
+
+    old = lamp(alice_owner)
+    name = old.device_id
+    old.delete()  # never committed here: its after-commit removal is not run
+    again = Device.objects.create(owner=alice_owner, device_id=name, profile=Profile.ESP32_LAMP)
+    committed(issue_credential, again)
+
+    assert remove_logins([name]) == []  # the late removal of the old one leaves the new login
+    online(peers, broker_settings, again)  # still logs in
+
+
+def test_a_deleted_devices_login_is_removed_by_its_owners_deletion_too(
+    broker_settings, peers, committed
+):
+    owner = Owner.objects.create(name="Gone", slug=unique("gone"))
+    device = lamp(owner)
+    committed(issue_credential, device)
+    peer = online(peers, broker_settings, device)
+
+    committed(owner.delete)
+
+    assert peer.wait(lambda: peer.disconnects), "the broker did not disconnect the device"
+
+
+def test_devices_deleted_together_lose_their_logins_in_one_go(
+    alice_owner, broker_settings, peers, committed
+):
+    devices = [lamp(alice_owner) for _ in range(3)]
+    for device in devices:
+        committed(issue_credential, device)
+    connected = [online(peers, broker_settings, d) for d in devices]
+
+    committed(Device.objects.filter(pk__in=[d.pk for d in devices]).delete)  # the admin's bulk
+
+    for peer in connected:
+        assert peer.wait(lambda p=peer: p.disconnects), "a deleted device stayed connected"
+
+
+def test_a_deletion_while_the_broker_is_down_is_logged_and_pruned_later(
+    alice_owner, broker_settings, settings, peers, caplog, committed
+):
+    from apps.devices.credentials import broker_session, prune
+
+    device = lamp(alice_owner)
+    committed(issue_credential, device)
+    password = password_of(device)
+    settings.MQTT_ADMIN_URL = "mqtt://127.0.0.1:9"  # discard port: refused at once
+
+    committed(device.delete)  # the deletion itself succeeds
+
+    assert "provision_broker --all" in caplog.text and device.device_id in caplog.text
+    settings.MQTT_ADMIN_URL = broker_settings.url
+    assert peers(broker_settings, device.device_id, password).connect().is_failure is False
+    with broker_session() as admin:
+        assert f"deleted orphan client {device.device_id} (disconnected)" in prune(admin)
+    assert peers(broker_settings, device.device_id, password).connect().is_failure
