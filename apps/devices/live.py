@@ -99,20 +99,18 @@ WATCH_GENERATION = "live:watched:generation"
 WATCH_RECHECK = 5.0
 
 
-def watch(groups: Iterable[str]) -> None:
+async def awatch(groups: Iterable[str]) -> None:
     """Mark `groups` as watched for WATCH_TTL seconds (a socket is in them)."""
     marks = {_watch_key(g): 1 for g in groups}
     if marks and watch_is_shared():
-        cache.set_many(marks, timeout=WATCH_TTL)
-        # After the marks: a publisher that sees the new generation sees them too.
-        cache.set(WATCH_GENERATION, uuid.uuid4().hex, timeout=None)
-
-
-async def awatch(groups: Iterable[str]) -> None:
-    marks = {_watch_key(g): 1 for g in groups}
-    if marks and watch_is_shared():
         await cache.aset_many(marks, timeout=WATCH_TTL)
+        # After the marks: a publisher that sees the new generation sees them too.
         await cache.aset(WATCH_GENERATION, uuid.uuid4().hex, timeout=None)
+
+
+def watch(groups: Iterable[str]) -> None:
+    """`awatch` from synchronous code."""
+    async_to_sync(awatch)(list(groups))
 
 
 def watched(groups: Iterable[str]) -> set[str]:
@@ -388,9 +386,9 @@ class BatchPublisher:
     `publish()` runs in the caller's thread: it builds the messages (no queries) and merges
     them into a buffer keyed by group. A background thread with its own asyncio loop flushes
     the buffer every `flush_interval` seconds at most, one layer message per watched group
-    (`watched`; the others are counted in `unwatched`). When more than `max_groups` groups are
-    waiting, the oldest is dropped and counted in `dropped`; if it
-    carried device states, its owner's pages are told to re-sync from a snapshot.
+    (`Watchers`; the others are counted in `unwatched`). When more than `max_groups` groups
+    are waiting, the oldest is dropped and counted in `dropped`; if it carried device states,
+    its owner's pages are told to re-sync from a snapshot.
     """
 
     def __init__(
