@@ -81,9 +81,9 @@ def tree_cpu(*pids: int) -> float:
     return total
 
 
-def pg_backend_cpu(*, databases: list[str] | None = None, application: str | None = None) -> float:
-    """CPU seconds of the PostgreSQL backends serving `databases` or `application` (the client's
-    `application_name`; libpq takes it from PGAPPNAME)."""
+def pg_backends(*, databases: list[str] | None = None, application: str | None = None) -> dict:
+    """pid -> CPU seconds of the PostgreSQL backends serving `databases` or `application` (the
+    client's `application_name`; libpq takes it from PGAPPNAME)."""
     import psycopg
 
     admin = PG_ADMIN_URL.replace("postgres://", "postgresql://", 1)
@@ -97,7 +97,12 @@ def pg_backend_cpu(*, databases: list[str] | None = None, application: str | Non
                 "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (application,)
             ).fetchall()
     stats = _proc_cpu()
-    return sum(stats.get(pid, (0, 0.0))[1] for (pid,) in rows)
+    return {pid: stats[pid][1] for (pid,) in rows if pid in stats}
+
+
+def pg_backend_cpu(*, databases: list[str] | None = None, application: str | None = None) -> float:
+    """Their CPU seconds together (a backend that ended meanwhile is no longer counted)."""
+    return sum(pg_backends(databases=databases, application=application).values())
 
 
 def machine_busy() -> float:

@@ -79,18 +79,6 @@ def hit(bucket: str, limit: int, seconds: int, now: float | None = None) -> Wind
     return Window(count=count, limit=limit, reset_at=end)
 
 
-def peek(bucket: str, limit: int, seconds: int, now: float | None = None) -> Window:
-    """The current window of `bucket` without counting anything."""
-    now = time.time() if now is None else now
-    start, end = _bounds(seconds, now)
-    count = (
-        RateCounter.objects.filter(bucket=bucket, window_start=start)
-        .values_list("count", flat=True)
-        .first()
-    )
-    return Window(count=count or 0, limit=limit, reset_at=end)
-
-
 def lock(bucket: str, seconds: int, now: float | None = None) -> float:
     """Lock `bucket` for `seconds` from now (a lock already running is extended, never
     shortened); returns the Unix time it ends.

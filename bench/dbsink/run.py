@@ -44,6 +44,7 @@ from bench.common import (  # noqa: E402
     mosquitto,
     percentile,
     pg_backend_cpu,
+    pg_backends,
     platform_env,
     postgres_database,
     publish_meters,
@@ -321,29 +322,6 @@ def fill_backlog(env: dict[str, str], count: int, prefix: str) -> None:
     )
 
 
-def backend_cpu(databases: list[str]) -> dict[int, float]:
-    """CPU seconds of each PostgreSQL backend serving these databases (the server's side)."""
-    import psycopg
-
-    admin = PG_ADMIN_URL.replace("postgres://", "postgresql://", 1)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        pids = [
-            row[0]
-            for row in conn.execute(
-                "SELECT pid FROM pg_stat_activity WHERE datname = ANY(%s)", (databases,)
-            ).fetchall()
-        ]
-    ticks = os.sysconf("SC_CLK_TCK")
-    found = {}
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        found[pid] = (int(fields[11]) + int(fields[12])) / ticks
-    return found
-
-
 def kick(env: dict[str, str]) -> datetime:
     # One drain task per worker process: each runs its own loop on disjoint rows.
     return datetime.fromtimestamp(send_drain_tasks(env, WORKERS), UTC)
@@ -377,10 +355,10 @@ def backlog_phase(env: dict, queue: str, targets: Targets, engine: str, prefix: 
     try:
         time.sleep(3)  # worker start-up
         databases = [env["DATABASE_URL"].rsplit("/", 1)[1], targets.name]
-        cpu0, pg0 = tree_cpu(workers.pid), backend_cpu(databases)
+        cpu0, pg0 = tree_cpu(workers.pid), pg_backends(databases=databases)
         t0 = kick(env)
         got = wait_rows(targets, engine, prefix, BACKLOG, timeout=600)
-        cpu, pg1 = tree_cpu(workers.pid) - cpu0, backend_cpu(databases)
+        cpu, pg1 = tree_cpu(workers.pid) - cpu0, pg_backends(databases=databases)
         pg_cpu = sum(seconds - pg0.get(pid, 0.0) for pid, seconds in pg1.items())
         n, first, last = targets.span(engine, prefix)
         time.sleep(2)  # let the workers record the last results before they are stopped

@@ -26,7 +26,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import contextlib
 
 from bench.common import (  # noqa: E402
     LIVE,
@@ -46,6 +45,7 @@ from bench.common import (  # noqa: E402
     spawn_celery_workers,
     spawn_manage,
     stop_group,
+    tree_cpu,
     wait_port,
 )
 
@@ -187,16 +187,6 @@ def fill_backlog(env: dict[str, str], count: int, prefix: str) -> None:
         "    with transaction.atomic():\n"
         "        outbox.write_outbox(events)\n",
     )
-
-
-def tree_cpu(pid: int) -> float:
-    """CPU seconds of a process and its live children (Celery prefork children run the work)."""
-    total = cpu_seconds(pid)
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    for child in children.read_text().split() if children.exists() else []:
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            total += cpu_seconds(int(child))
-    return total
 
 
 def kick(env: dict[str, str]) -> float:
