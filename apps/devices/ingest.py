@@ -21,6 +21,7 @@ import orjson
 from django.conf import settings
 from django.db import connection, transaction
 
+from apps.core.pg import binary_cursor
 from apps.forwarding.outbox import write_outbox
 
 from . import commands
@@ -205,8 +206,6 @@ def _load_state_pg(pks: set[int], lock: bool) -> dict[int, tuple]:
     that was a third of the batch's CPU. Here: one array parameter bound server-side in binary,
     psycopg's C timestamp loader, orjson for the JSON column.
     """
-    import psycopg
-
     meta = Device._meta
     qn = connection.ops.quote_name
     pk = qn(meta.pk.column)
@@ -214,8 +213,7 @@ def _load_state_pg(pks: set[int], lock: bool) -> dict[int, tuple]:
     sql = f"SELECT {pk}, {columns} FROM {qn(meta.db_table)} WHERE {pk} = ANY(%b)"  # noqa: S608
     if lock:
         sql += f" ORDER BY {pk} FOR UPDATE"
-    connection.ensure_connection()
-    with psycopg.Cursor(connection.connection) as cursor:
+    with binary_cursor(connection) as cursor:
         cursor.adapters.register_loader("timestamptz", _timestamptz_loader())
         cursor.execute(sql, (sorted(pks),))
         rows = cursor.fetchall()
@@ -394,14 +392,11 @@ def _insert_telemetry(rows: list[_Row]) -> int:
     columns = ", ".join(qn(meta.get_field(n).column) for n in names)
     payloads = [orjson.dumps(r.data).decode() for r in rows]
     if connection.vendor == "postgresql":
-        import psycopg
-
         types = ["int8", "int8", "text", "timestamptz", "timestamptz", "int8", "text", "text",
                  "jsonb"]  # fmt: skip
         arrays = ", ".join(f"%b::{t}[]" for t in types)  # binary: adapted in C, not quoted
         fields = ", ".join(f"f{i}" for i in range(len(names)))
-        connection.ensure_connection()
-        with psycopg.Cursor(connection.connection) as cursor:
+        with binary_cursor(connection) as cursor:
             # Identifiers come from the model's meta (quoted); every value is bound.
             cursor.execute(
                 f"INSERT INTO {table} ({columns}) SELECT {fields} "  # noqa: S608
@@ -475,7 +470,6 @@ def _write_state(states: list[_DeviceState]) -> None:
     sql = f"UPDATE {table} SET {', '.join(assignments)} WHERE {qn('id')} = %s"  # noqa: S608
     states = sorted(states, key=lambda st: st.device.pk)
     if connection.vendor == "postgresql":
-        import psycopg
         from psycopg.types.json import Jsonb
 
         json_fields = {f.attname for f in fields if f.get_internal_type() == "JSONField"}
@@ -491,8 +485,7 @@ def _write_state(states: list[_DeviceState]) -> None:
             + [st.device.pk]
             for st in states
         ]
-        connection.ensure_connection()
-        with psycopg.Cursor(connection.connection) as cursor:
+        with binary_cursor(connection) as cursor:
             cursor.executemany(sql, params)
         return
     params = [

@@ -22,11 +22,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-import psycopg
 from django.db import connection, transaction
 from django.db.models import F, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
+
+from apps.core.pg import binary_cursor
 
 from .models import Attempt, Delivery, Destination, Outcome, Status
 from .retry import RetryPolicy
@@ -200,10 +201,7 @@ def _server_cursor() -> Any:
     into the query text in Python. For the few hot statements of a batch, a plain cursor sends
     the array in binary (with `%b` placeholders: psycopg's text array format escapes every
     element with a regular expression) and PostgreSQL parses only the constant statement text."""
-    connection.ensure_connection()
-    cursor = psycopg.Cursor(connection.connection)
-    cursor.format = psycopg.pq.Format.BINARY
-    return cursor
+    return binary_cursor(connection, binary_results=True)
 
 
 def lock_due(destination_id: int, limit: int, now: datetime | None = None) -> list[Claimed]:

@@ -26,10 +26,10 @@ from datetime import datetime
 from typing import NamedTuple
 
 import orjson
-import psycopg
 from django.db import connection, transaction
 from django.utils import timezone
 
+from apps.core.pg import binary_cursor
 from apps.devices.events import DeviceEvent
 
 from .models import Delivery, Destination, Status
@@ -171,9 +171,7 @@ _INSERT = f"""
 
 def _insert_postgres(rows: list[_Row], now: datetime) -> None:
     columns = list(zip(*rows, strict=True))
-    connection.ensure_connection()
-    with psycopg.Cursor(connection.connection) as cursor:
-        cursor.format = psycopg.pq.Format.BINARY
+    with binary_cursor(connection, binary_results=True) as cursor:
         cursor.execute(
             _INSERT,
             {

@@ -6,6 +6,7 @@ import signal
 
 from django.core.management.base import BaseCommand
 
+from apps.core import gctune
 from apps.devices.listener import Listener
 
 
@@ -41,4 +42,5 @@ class Command(BaseCommand):
         )
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: listener.stop())
+        gctune.tune()
         listener.run()
