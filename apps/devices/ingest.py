@@ -269,6 +269,17 @@ def ingest_batch(
     refs = directory.resolve(keys | {where for _, where in attributable})
     with transaction.atomic():
         devices = directory.load({ref.pk for ref in refs.values()})
+        gone = {key for key, ref in refs.items() if ref.pk not in devices}
+        if gone:
+            # Deleted since they were cached, and perhaps created again under the same topic
+            # (a device replaced in the admin): look them up afresh rather than quarantine
+            # the new device's messages.
+            for key in gone:
+                directory.forget(*key)
+                del refs[key]
+            again = directory.resolve(gone)
+            refs.update(again)
+            devices.update(directory.load({ref.pk for ref in again.values()}))
         # Lock, and read again, only the devices whose connection, power or identity this batch
         # may change (in key order, so listener copies never deadlock): transitions are then
         # recorded once even when several copies share the stream. Readings need no lock.
@@ -288,7 +299,7 @@ def ingest_batch(
             st = state.get(ref.pk) if ref else None
             if st is None:
                 if ref:
-                    directory.forget(profile, parsed.key)  # deleted since it was cached
+                    directory.forget(profile, parsed.key)  # deleted meanwhile: look again
                 quarantine.append(
                     _quarantine_row(msg, UNKNOWN_DEVICE, f"no {profile} device {parsed.key!r}")
                 )

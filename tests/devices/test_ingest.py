@@ -321,6 +321,22 @@ def test_a_device_deleted_after_caching_is_quarantined_not_crashing(alice_lamp):
     assert QuarantinedMessage.objects.get().reason == "unknown_device"
 
 
+def test_a_device_replaced_under_the_same_topic_gets_its_messages_at_once(alice_lamp):
+    # Deleted and created again (a replaced unit): the cached key still names the old row.
+    directory = DeviceDirectory()
+    ingest_batch([msg("home/alice-lamp-1/status", {"power": "ON"})], directory=directory)
+    owner, profile = alice_lamp.owner, alice_lamp.profile
+    alice_lamp.delete()
+    replacement = Device.objects.create(
+        owner=owner, device_id="alice-lamp-1", name="New lamp", profile=profile
+    )
+    result = ingest_batch([msg("home/alice-lamp-1/status", {"power": "OFF"})], directory=directory)
+    assert (result.stored, result.quarantined) == (1, 0)
+    assert Telemetry.objects.get().device_id == replacement.pk
+    assert [e.device_pk for e in result.events] == [replacement.pk] * len(result.events)
+    assert not QuarantinedMessage.objects.exists()
+
+
 def test_deleting_a_device_or_an_owner_deletes_its_telemetry(alice_lamp, alice_meter):
     # Telemetry has no database-level foreign keys (the ingest hot path): the cascade is
     # Django's, and nothing of a deleted device may stay behind.
