@@ -13,6 +13,10 @@ Several copies can share the stream through `$share/<group>/…` (MQTT_SHARED_GR
 connection topics (LWT/status, retained) are subscribed without the share: brokers send no
 retained messages on shared subscriptions, and every copy needs them to rebuild state after a
 restart. Applying them twice is harmless (state changes compare against the locked row).
+
+A copy that is scaled away must not just stop: the broker keeps assigning a share of the stream
+to its persistent session. `retire()` (`mqtt_listen --retire`) takes the session over, stops new
+messages coming to it, ingests what was queued for it and then ends the session.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class ListenerStats:
     batches: int = 0
     failed_batches: int = 0
     connects: int = 0
+    handled: int = 0  # received, committed and acknowledged
 
 
 class Inbox:
@@ -149,6 +154,10 @@ class Listener:
         self._inbox = Inbox(limit=self.batch_size * 20)
         self._stop = threading.Event()
         self._connected = threading.Event()
+        self._retiring = False
+        self._unsubscribed = threading.Event()
+        self._last_received = time.monotonic()
+        self._session_present: bool | None = None
         self._client = self._make_client()
 
     # --- MQTT side --------------------------------------------------------------------------
@@ -176,6 +185,7 @@ class Listener:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_messages = self._on_messages
+        client.on_unsubscribe = self._on_unsubscribe
         return client
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -190,7 +200,12 @@ class Listener:
                 subs.append((f"$share/{self.group}/{f}", 1))
             else:
                 subs.append((f, 1))
-        client.subscribe(subs)
+        if self._retiring:
+            # Nothing new for this session; what the broker queued for it still comes.
+            client.unsubscribe([topic for topic, _qos in subs])
+        else:
+            client.subscribe(subs)
+        self._session_present = bool(flags.session_present)
         self._connected.set()
         log.info(
             "event=connected url=%s client_id=%s group=%s session_present=%s",
@@ -200,6 +215,9 @@ class Listener:
             flags.session_present,
         )
 
+    def _on_unsubscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        self._unsubscribed.set()
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
         if not self._stop.is_set():
@@ -208,6 +226,7 @@ class Listener:
     def _on_messages(self, received: list[tuple[str, bytes, int, int, bool]]) -> None:
         """What one read of the socket brought (network thread)."""
         self.stats.received += len(received)
+        self._last_received = time.monotonic()
         now = datetime.now(UTC)  # one read: the same millisecond
         items = [
             InboundMessage(
@@ -259,6 +278,7 @@ class Listener:
         for m in batch:
             if m.qos == 2:  # not subscribed for; a broker that sends it anyway gets PUBCOMP
                 self._client.ack(m.mid, m.qos)
+        self.stats.handled += len(batch)
         self.stats.batches += 1
         self.stats.stored += result.stored
         self.stats.quarantined += result.quarantined
@@ -318,6 +338,42 @@ class Listener:
 
     def run(self) -> None:
         """Run until `stop()` (SIGTERM/SIGINT); then finish and acknowledge what was received."""
+        writer = self._start()
+        self._stop.wait()
+        self._finish(writer)
+        log.info("event=stopped %s pid=%d", self._stats_line(), os.getpid())
+
+    def retire(self, quiet: float = 2.0, timeout: float = 600.0) -> bool:
+        """Retire this copy (its client id) from the shared subscription without losing what
+        the broker queued for it: resume its session, unsubscribe, ingest and acknowledge the
+        queued messages until none came for `quiet` seconds, then end the session (MQTT 5:
+        session expiry 0 on DISCONNECT; 3.1.1: a clean-session connect). Returns False if
+        the queue was still flowing after `timeout` seconds (the session is then kept)."""
+        self._retiring = True
+        writer = self._start()
+        deadline = time.monotonic() + timeout
+        drained = False
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            if (
+                self._unsubscribed.is_set()
+                and self.stats.handled == self.stats.received
+                and time.monotonic() - self._last_received >= quiet
+            ):
+                drained = True
+                break
+            self._stop.wait(0.1)
+        self._stop.set()
+        self._finish(writer, end_session=drained)
+        log.info(
+            "event=%s %s session_present=%s pid=%d",
+            "retired" if drained else "retire_incomplete",
+            self._stats_line(),
+            self._session_present,
+            os.getpid(),
+        )
+        return drained
+
+    def _start(self) -> threading.Thread:
         params = mqtt_params(self.url)
         connect_kwargs = {}
         if mqtt_protocol() == mqtt.MQTTv5:
@@ -337,17 +393,50 @@ class Listener:
                 log.warning("event=connect_failed url=%s error=%s retry_in=2s", self.url, exc)
                 self._stop.wait(2)
         self._client.loop_start()
-        self._stop.wait()
+        return writer
+
+    def _finish(self, writer: threading.Thread, *, end_session: bool = False) -> None:
         # Drain: keep the connection so that the last batches can still be acknowledged.
         deadline = time.monotonic() + 10
         while len(self._inbox) and time.monotonic() < deadline:
             time.sleep(0.05)
         writer.join(timeout=15)
-        self._client.disconnect()
+        v5 = mqtt_protocol() == mqtt.MQTTv5
+        if end_session and v5:
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = 0  # the broker discards the session now
+            self._client.disconnect(properties=props)
+        else:
+            self._client.disconnect()
         self._client.loop_stop()
+        if end_session and not v5:
+            self._clean_session_v311()
         if self.publisher is not None:
             self.publisher.stop()
-        log.info("event=stopped %s pid=%d", self._stats_line(), os.getpid())
+
+    def _clean_session_v311(self) -> None:
+        """MQTT 3.1.1 has no session expiry: a clean-session connect discards the session."""
+        params = mqtt_params(self.url)
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv311,
+            clean_session=True,
+        )
+        if params["username"]:
+            client.username_pw_set(params["username"], params["password"])
+        if params["tls"]:
+            client.tls_set()
+        connected = threading.Event()
+        client.on_connect = lambda *_args: connected.set()
+        client.connect(params["host"], params["port"], keepalive=30)
+        client.loop_start()
+        try:
+            if not connected.wait(10):
+                log.warning("event=retire_clean_session_failed client_id=%s", self.client_id)
+            client.disconnect()
+        finally:
+            client.loop_stop()
 
     def stop(self) -> None:
         self._stop.set()

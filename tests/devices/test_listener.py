@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import io
 import json
 import signal
 import subprocess
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from django.core.management import call_command
 from django.test import override_settings
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -386,3 +389,98 @@ def test_inbox_hands_over_in_order_splits_lists_at_the_batch_size_and_pushes_bac
     stop.set()
     assert not inbox.put(messages("late"), stop)  # full and stopping: left to the broker
     assert len(inbox) == 6
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_retiring_a_copy_ingests_its_queue_and_ends_its_session(
+    private_mosquitto, transactional_db, alice_owner, protocol
+):
+    # Scaling down: the broker keeps assigning a share of the stream to a stopped copy's
+    # session. `mqtt_listen --retire` must store that share and end the session.
+    broker = private_mosquitto
+    uid = uuid.uuid4().hex[:6]
+    group, staying, leaving = f"g{uid}", f"stay-{uid}", f"leave-{uid}"
+    meter = Device.objects.create(owner=alice_owner, device_id=f"m-{uid}", profile=Profile.METER_V2)
+    with override_settings(MQTT_PROTOCOL=protocol):
+
+        def copy(client_id: str) -> tuple[Listener, threading.Thread]:
+            listener = Listener(url=broker.url, group=group, client_id=client_id, batch_ms=20)
+            thread = threading.Thread(target=listener.run, daemon=True)
+            thread.start()
+            assert listener.wait_connected(10)
+            time.sleep(0.3)  # subscriptions granted
+            return listener, thread
+
+        gone, thread = copy(leaving)
+        gone.stop()
+        thread.join(20)  # stopped, its persistent session (and subscription) kept
+        stay, stay_thread = copy(staying)
+        pub = publisher(broker)
+        try:
+
+            def send(first: int, count: int) -> None:
+                for seq in range(first, first + count):
+                    body = {"v": 2, "seq": seq, "msg_type": "telemetry", "data": {"power": 1.0}}
+                    info = pub.publish(f"iot/{meter.device_id}/telemetry", json.dumps(body), qos=1)
+                info.wait_for_publish(30)
+
+            send(1, 60)
+            stored = Telemetry.objects.filter(device=meter)
+            wait_for(lambda: stored.count() >= stay.stats.received > 0)
+            queued = 60 - stay.stats.received
+            assert queued > 0  # the stopped copy's share waits in its session
+
+            handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+            out = io.StringIO()
+            try:
+                call_command(
+                    "mqtt_listen",
+                    "--retire",
+                    "--no-live",
+                    f"--url={broker.url}",
+                    f"--group={group}",
+                    f"--client-id={leaving}",
+                    stdout=out,
+                )
+            finally:
+                for sig, handler in handlers.items():
+                    signal.signal(sig, handler)
+                gc.unfreeze()  # the command tunes the collector of this process
+            assert f"{queued} messages stored" in out.getvalue()
+            assert sorted(stored.values_list("seq", flat=True)) == list(range(1, 61))
+
+            # From now on every message goes to the copy that stays.
+            send(61, 20)
+            wait_for(lambda: stored.count() >= 80)
+            time.sleep(0.5)
+            assert sorted(stored.values_list("seq", flat=True)) == list(range(1, 81))
+        finally:
+            pub.loop_stop()
+            pub.disconnect()
+            stay.stop()
+            stay_thread.join(20)
+
+        # The retired session is gone: connecting with its id finds none.
+        present = threading.Event()
+        found = {}
+        v5 = protocol == "5"
+        probe = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=leaving,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            **({} if v5 else {"clean_session": False}),
+        )
+
+        def on_connect(client, userdata, flags, reason_code, properties):
+            found["session_present"] = flags.session_present
+            present.set()
+
+        probe.on_connect = on_connect
+        probe.connect(broker.host, broker.port, **({"clean_start": False} if v5 else {}))
+        probe.loop_start()
+        try:
+            assert present.wait(10)
+            assert found["session_present"] is False
+        finally:
+            probe.disconnect()
+            probe.loop_stop()

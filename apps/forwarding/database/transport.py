@@ -1,20 +1,21 @@
 """The database kind's `kinds.Transport`: batches of rows into owners' tables.
 
-Per destination and worker process there is one `Sink`: a buffer the pipeline hands claimed rows
-to, and a writer thread that owns the destination's one connection (the "pool" of one: opened on
-first use, kept while rows keep coming, closed after POOL_IDLE seconds without any). The thread
-takes up to `batch_size` rows — at once when that many are waiting, else no sooner than
-`flush_interval` after its previous batch — writes them in one transaction (`writer.py`), and
-reports one `Result` per row. The pipeline may claim the next batch while one is being written
-(`capacity` allows two batches in flight), so claiming, rendering and the owner's server work in
-parallel.
+Per destination and worker process there is one `Sink`: a writer thread that owns the
+destination's one connection (the "pool" of one: opened on first use, kept while rows keep
+coming, closed after POOL_IDLE seconds without any). The pipeline's drain loop only kicks it
+(`pulls = True`: nothing is handed over). While kicked, the thread claims up to `batch_size` due
+rows itself — at once after a full batch, one `flush_interval` after a partial one — writes them
+in one transaction (`writer.py`), records their outcome and reports a `Progress` per batch
+(`pull`). On PostgreSQL the rows are claimed by locking them for the batch's transaction, so
+one update per row records the outcome; several worker processes pulling one destination take
+disjoint rows (`SKIP LOCKED`).
 
 A thread per active destination, not a shared pool: a slow or hanging owner database then ties
 up its own thread only, never another destination's writes (statement and lock timeouts bound
 it anyway).
 
 Health (see `actions.py`): a batch failing for anything but its content pauses the destination
-for a back-off step; `capacity` then grants nothing until the pause is over, and one probe row
+for a back-off step; `_grant` then gives nothing until the pause is over, and one probe row
 after it.
 """
 

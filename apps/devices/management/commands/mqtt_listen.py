@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 from apps.core import gctune
 from apps.devices.listener import Listener
@@ -22,6 +22,12 @@ class Command(BaseCommand):
         parser.add_argument("--batch-size", type=int, help="Messages per transaction")
         parser.add_argument("--batch-ms", type=int, help="Longest wait to fill a batch")
         parser.add_argument("--no-live", action="store_true", help="Do not push to live pages")
+        parser.add_argument(
+            "--retire",
+            action="store_true",
+            help="Retire the copy with this --client-id from the shared subscription: ingest "
+            "what the broker queued for it, end its session and exit (scaling down)",
+        )
 
     def handle(self, *args, **options) -> None:
         publisher = None
@@ -43,4 +49,15 @@ class Command(BaseCommand):
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: listener.stop())
         gctune.tune()
-        listener.run()
+        if not options["retire"]:
+            listener.run()
+            return
+        if not listener.retire():
+            raise CommandError(
+                f"{listener.client_id} not retired: its queue was not drained (stopped, or "
+                "still flowing at the time limit). Its session is kept; run --retire again."
+            )
+        self.stdout.write(
+            f"Retired {listener.client_id}: {listener.stats.stored} messages stored from its "
+            "queue, session ended."
+        )
