@@ -16,7 +16,7 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -150,7 +150,7 @@ def claim(
             SET status = %b, attempts = d.attempts + 1, lease_token = %b,
                 lease_expires_at = %b, last_attempt_at = %b
             FROM due WHERE d.id = due.id
-            RETURNING d.id, d.owner_id, d.message_id, d.event_id, d.event_type, d.payload::text,
+            RETURNING d.id, d.owner_id, d.message_id, d.event_id, d.event_type, d.payload,
                       d.attempts
         """  # noqa: S608 - table name from model meta, values bound
     else:
@@ -194,7 +194,7 @@ def claim(
     return claimed
 
 
-def _server_cursor() -> Any:
+def _server_cursor() -> AbstractContextManager[Any]:
     """A psycopg cursor binding its parameters on the server, with binary results (PostgreSQL).
 
     Django's cursors bind on the client: psycopg then quotes every element of a 1,000-id array
@@ -219,7 +219,7 @@ def lock_due(destination_id: int, limit: int, now: datetime | None = None) -> li
         return []
     now = now or timezone.now()
     sql = f"""
-        SELECT id, owner_id, message_id, event_id, event_type, payload::text, attempts + 1
+        SELECT id, owner_id, message_id, event_id, event_type, payload, attempts + 1
         FROM {_table()}
         WHERE destination_id = %b AND status = %b AND next_attempt_at <= %b
         ORDER BY next_attempt_at, id

@@ -12,8 +12,11 @@ in `next_attempt_at`, and kept when exhausted (dead letters) for replay.
 
 from __future__ import annotations
 
+import json
 import uuid
+from typing import Any
 
+import orjson
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
@@ -132,6 +135,41 @@ class Status(models.TextChoices):
     FAILED = "failed", "Failed"  # dead letter: attempts exhausted or refused for good
 
 
+def dumps_json(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # e.g. an integer beyond 64 bits: the standard library takes it
+        return json.dumps(value)
+
+
+class JSONTextField(models.TextField):
+    """A JSON document stored as text, not `jsonb`: for a column that is written and read
+    whole and never queried inside.
+
+    The outbox's payload is written for every event and destination and read back once, as
+    text, by the worker that sends it. As `jsonb` PostgreSQL parsed every payload on insert and
+    printed it again on read; as text the outbox insert costs ~11 us less backend CPU per row
+    (measured: 37 -> 26 us with the outbox's indexes). Python sees the same dicts and lists.
+    """
+
+    def from_db_value(self, value: Any, expression: Any, connection: Any) -> Any:
+        return None if value is None else orjson.loads(value)
+
+    def to_python(self, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return orjson.loads(value)
+            except orjson.JSONDecodeError:
+                return value
+        return value
+
+    def get_prep_value(self, value: Any) -> Any:
+        return None if value is None else dumps_json(value)
+
+    def value_to_string(self, obj: models.Model) -> str:
+        return dumps_json(self.value_from_object(obj))
+
+
 class Delivery(models.Model):
     """One event for one destination: the outbox row and its retry state."""
 
@@ -158,7 +196,7 @@ class Delivery(models.Model):
     device = models.CharField("device id", max_length=63)
     # The webhook-id: derived from (destination, event), so stable across retries and replays.
     message_id = models.CharField(max_length=40)
-    payload = models.JSONField()
+    payload = JSONTextField()
     created_at = models.DateTimeField(default=timezone.now)
 
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
@@ -175,7 +213,10 @@ class Delivery(models.Model):
     class Meta:
         verbose_name_plural = "deliveries"
         constraints = [
-            # write_outbox may see an event twice (a re-run batch); one delivery per destination.
+            # One delivery per destination and event. Event ids are new in the batch that writes
+            # them ("tel_<telemetry id>"), so the listener never meets this constraint; it is
+            # a guard (a violation fails the batch, which the listener then retries message by
+            # message), not a dedup: `ON CONFLICT` cost ~9 us of backend CPU per outbox row.
             models.UniqueConstraint(fields=["destination", "event_id"], name="unique_delivery"),
         ]
         indexes = [

@@ -438,7 +438,7 @@ def fast_phase(env: dict, mqtt_url: str, targets: Targets, parts: dict) -> dict:
     # Both rates count from the first publish (the events' own "ts"), as bench-ingest does:
     # to the listeners' last outbox commit, and to the last row committed in the target.
     first_publish, last_outbox = platform.execute(
-        "SELECT min((payload->>'ts')::timestamptz), max(created_at) FROM forwarding_delivery"
+        "SELECT min((payload::jsonb->>'ts')::timestamptz), max(created_at) FROM forwarding_delivery"
         " WHERE device LIKE %s AND created_at >= %s",
         (f"{prefix}-%", since),
     ).fetchone()
@@ -496,7 +496,7 @@ def stages(env: dict, prefix: str) -> dict:
 
     with psycopg.connect(env["DATABASE_URL"].replace("postgres://", "postgresql://", 1)) as c:
         rows = c.execute(
-            "SELECT extract(epoch FROM created_at - (payload->>'ts')::timestamptz) * 1000,"
+            "SELECT extract(epoch FROM created_at - (payload::jsonb->>'ts')::timestamptz) * 1000,"
             " extract(epoch FROM delivered_at - created_at) * 1000"
             " FROM forwarding_delivery WHERE device LIKE %s AND delivered_at IS NOT NULL",
             (f"{prefix}-%",),

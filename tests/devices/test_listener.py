@@ -16,6 +16,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from django.core.management import call_command
+from django.db import connection
 from django.test import override_settings
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -64,6 +65,42 @@ def running_listener(mqtt_broker, transactional_db):
         yield listener
         listener.stop()
         thread.join(20)
+
+
+def test_a_lost_database_connection_fails_the_batch_and_the_listener_retries_it(
+    running_listener, alice_owner, mqtt_broker
+):
+    # The hot statements run on psycopg cursors of their own; their errors must reach the
+    # listener as Django's, or its retry never sees them and the writer thread dies.
+    if connection.vendor != "postgresql":
+        pytest.skip("terminates the listener's PostgreSQL backend")
+    uid = uuid.uuid4().hex[:6]
+    meter = Device.objects.create(owner=alice_owner, device_id=f"m-{uid}", profile=Profile.METER_V2)
+    stored = Telemetry.objects.filter(device=meter)
+    pub = publisher(mqtt_broker)
+    try:
+
+        def send(seq: int) -> None:
+            body = {"v": 2, "seq": seq, "msg_type": "telemetry", "data": {"power": 1.0}}
+            info = pub.publish(f"iot/{meter.device_id}/telemetry", json.dumps(body), qos=1)
+            info.wait_for_publish(10)
+
+        send(1)
+        wait_for(lambda: stored.count() == 1)
+        # What a database restart does to the listener's session. The device is cached, so the
+        # next batch's first statement is one of the listener's own cursors.
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        send(2)
+        wait_for(lambda: stored.count() == 2)
+        assert running_listener.stats.failed_batches >= 1
+        assert sorted(stored.values_list("seq", flat=True)) == [1, 2]
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
 
 
 def test_it_ingests_every_profile_and_quarantines_bad_input_without_stopping(

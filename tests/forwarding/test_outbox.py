@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 
 from apps.forwarding import tasks
 from apps.forwarding.models import Delivery
@@ -76,11 +76,16 @@ def test_deliveries_roll_back_with_the_batch(receiver, alice_owner, alice_lamp) 
     assert Delivery.objects.count() == 0
 
 
-def test_an_event_seen_twice_is_one_delivery(receiver, alice_owner, alice_lamp) -> None:
+def test_an_event_is_one_delivery_per_destination_and_a_second_write_is_refused(
+    receiver, alice_owner, alice_lamp
+) -> None:
+    # Event ids are new in the batch that writes them, so the outbox inserts without
+    # ON CONFLICT; the constraint remains the guard, and a violation fails the transaction.
     hook = make_webhook(alice_owner, receiver.url())
     event = make_event(alice_lamp)
     write_outbox([event])
-    write_outbox([event])
+    with pytest.raises(IntegrityError), transaction.atomic():
+        write_outbox([event])
     delivery = Delivery.objects.get()
     assert delivery.message_id == message_id(hook.pk, event.event_id)
 
