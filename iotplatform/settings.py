@@ -239,6 +239,9 @@ if CELERY_BROKER_URL == "filesystem://":
         "store_processed": False,
         "polling_interval": 0.1,
     }
+    # The same transport, with the host kombu would assume named: without one it logs "No
+    # hostname was supplied" in every process at start.
+    CELERY_BROKER_URL = "filesystem://localhost/"
 else:
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
