@@ -46,7 +46,7 @@ from .ingest import (
     prepare,
     quarantine_unstorable,
 )
-from .mqtt import BatchingClient, mqtt_params, mqtt_protocol
+from .mqtt import BatchingClient, apply_login, mqtt_params, mqtt_protocol
 
 log = logging.getLogger("apps.devices.listener")
 
@@ -174,11 +174,7 @@ class Listener:
             manual_ack=True,
             **kwargs,
         )
-        params = mqtt_params(self.url)
-        if params["username"]:
-            client.username_pw_set(params["username"], params["password"])
-        if params["tls"]:
-            client.tls_set()
+        apply_login(client, mqtt_params(self.url))
         client.max_inflight_messages_set(1000)
         client.max_queued_messages_set(0)
         client.reconnect_delay_set(min_delay=1, max_delay=15)
@@ -423,10 +419,7 @@ class Listener:
             protocol=mqtt.MQTTv311,
             clean_session=True,
         )
-        if params["username"]:
-            client.username_pw_set(params["username"], params["password"])
-        if params["tls"]:
-            client.tls_set()
+        apply_login(client, params)
         connected = threading.Event()
         client.on_connect = lambda *_args: connected.set()
         client.connect(params["host"], params["port"], keepalive=30)

@@ -22,6 +22,15 @@ def mqtt_params(url: str) -> dict:
     }
 
 
+def apply_login(client: mqtt.Client, params: dict) -> None:
+    """The username/password and TLS of `mqtt_params` on a paho client (TLS verifies the
+    broker's certificate against the system's CAs)."""
+    if params["username"]:
+        client.username_pw_set(params["username"], params["password"])
+    if params["tls"]:
+        client.tls_set()
+
+
 def mqtt_protocol() -> int:
     return mqtt.MQTTv5 if str(settings.MQTT_PROTOCOL) == "5" else mqtt.MQTTv311
 

@@ -18,7 +18,6 @@ import functools
 import logging
 import os
 import socket
-import ssl
 import threading
 import time
 import uuid
@@ -31,7 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from .mqtt import mqtt_params
+from .mqtt import apply_login, mqtt_params
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +156,7 @@ class Publisher:
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             **kwargs,
         )
-        if params["username"]:
-            client.username_pw_set(params["username"], params["password"])
-        if params["tls"]:
-            client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+        apply_login(client, params)
         client.max_inflight_messages_set(MAX_INFLIGHT)
         client.reconnect_delay_set(min_delay=1, max_delay=10)
         client.on_connect = self._on_connect

@@ -195,12 +195,8 @@ def claim(
 
 
 def _server_cursor() -> AbstractContextManager[Any]:
-    """A psycopg cursor binding its parameters on the server, with binary results (PostgreSQL).
-
-    Django's cursors bind on the client: psycopg then quotes every element of a 1,000-id array
-    into the query text in Python. For the few hot statements of a batch, a plain cursor sends
-    the array in binary (with `%b` placeholders: psycopg's text array format escapes every
-    element with a regular expression) and PostgreSQL parses only the constant statement text."""
+    """The few hot statements of a batch bind on the server, in binary (`apps.core.pg`): a
+    1,000-id array goes as one parameter, not quoted into the query text in Python."""
     return binary_cursor(connection, binary_results=True)
 
 

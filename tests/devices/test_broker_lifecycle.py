@@ -31,13 +31,18 @@ def online(peers, broker, device: Device, password: str | None = None):
     return peer
 
 
+def connected_lamp(owner, broker, peers, committed):
+    """A lamp whose credential was issued (and committed), connected: (device, password, peer)."""
+    device = lamp(owner)
+    committed(issue_credential, device)
+    password = password_of(device)
+    return device, password, online(peers, broker, device, password)
+
+
 def test_revocation_disconnects_a_connected_device_and_keeps_it_out(
     alice_owner, broker_settings, peers, committed
 ):
-    device = lamp(alice_owner)
-    committed(issue_credential, device)
-    password = password_of(device)
-    peer = online(peers, broker_settings, device)
+    device, password, peer = connected_lamp(alice_owner, broker_settings, peers, committed)
 
     outcome = committed(revoke_credential, device)
 
@@ -59,10 +64,7 @@ def test_revocation_disconnects_a_connected_device_and_keeps_it_out(
 def test_rotation_disconnects_the_device_and_only_the_new_password_logs_in(
     alice_owner, broker_settings, peers, committed
 ):
-    device = lamp(alice_owner)
-    committed(issue_credential, device)
-    old = password_of(device)
-    peer = online(peers, broker_settings, device)
+    device, old, peer = connected_lamp(alice_owner, broker_settings, peers, committed)
 
     outcome = committed(rotate_credential, device)
 
@@ -231,10 +233,7 @@ def test_a_group_added_by_hand_is_removed_but_a_stale_description_disturbs_nobod
 def test_deleting_a_device_removes_its_login_and_disconnects_it(
     alice_owner, broker_settings, peers, committed
 ):
-    device = lamp(alice_owner)
-    committed(issue_credential, device)
-    password = password_of(device)
-    peer = online(peers, broker_settings, device)
+    device, password, peer = connected_lamp(alice_owner, broker_settings, peers, committed)
 
     committed(device.delete)  # as the admin and the API delete, cascading to the credential
 
