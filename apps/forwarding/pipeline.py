@@ -13,14 +13,21 @@ Nothing here waits on one destination: a hanging receiver fills its own in-fligh
 skipped until its requests time out, while every other destination keeps being claimed and
 sent. Several drain tasks (Celery concurrency, several workers) run side by side on disjoint
 rows. A lingering loop picks up new rows by itself, which is why the outbox may coalesce kicks.
+
+A worker being stopped calls `shut_down` in its processes (see `tasks.stoppable`): running loops
+claim nothing more, finish and record what is in flight, and end; loops started afterwards end
+at once. What is left stays due for the next worker (the periodic sweep kicks it).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from django.db.models import OuterRef, Subquery
@@ -32,6 +39,12 @@ from .kinds import TargetConfig
 from .models import Delivery, Destination, Status
 
 log = logging.getLogger(__name__)
+
+# The loops running in this process (one per drain task; several in the threads pool), for
+# `shut_down`. A plain dict: adding, removing and copying its values are each one step under
+# the GIL, so a signal handler may read it while a loop's thread changes it.
+_running: dict[int, Drainer] = {}
+_shutting_down = False
 
 DISCOVERY_INTERVAL = 0.1  # seconds between looks for newly due destinations
 LINGER = 2.0  # an idle loop keeps looking this long before its task ends
@@ -48,6 +61,7 @@ class DrainStats:
     failed: int = 0
     stale: int = 0
     budget_spent: bool = False
+    stopped: bool = False  # by stop(): the worker is shutting down
 
 
 def due_destinations() -> list[tuple[int, str]]:
@@ -71,9 +85,16 @@ def due_destinations() -> list[tuple[int, str]]:
 
 
 class Drainer:
-    def __init__(self, budget: float, linger: float = LINGER) -> None:
+    def __init__(
+        self,
+        budget: float,
+        linger: float = LINGER,
+        stop_requested: Callable[[], bool] | None = None,
+    ) -> None:
         self.budget = budget
         self.linger = linger
+        # Asked every DISCOVERY_INTERVAL: True once the worker running this loop is stopping.
+        self.stop_requested = stop_requested
         self.token = uuid.uuid4().hex
         self.pump = pump.pump()
         self.in_flight: dict[int, int] = defaultdict(int)
@@ -102,9 +123,14 @@ class Drainer:
         last_work = start
         next_discovery = start
         active: list[int] = []
+        _running[id(self)] = self
+        if _shutting_down:
+            self.stopping = True
         try:
             while True:
                 now = time.monotonic()
+                if now >= next_discovery and self.stop_requested and self.stop_requested():
+                    self.stopping = True
                 claiming = now < end and not self.stopping
                 if claiming and now >= next_discovery:
                     active = self._discover()
@@ -119,13 +145,17 @@ class Drainer:
                     last_work = now
                     continue
                 if not claiming:
-                    self.stats.budget_spent = True
+                    self.stats.stopped = self.stopping
+                    self.stats.budget_spent = not self.stopping
                     break
                 if now - last_work > self.linger:
                     break
                 time.sleep(DISCOVERY_INTERVAL)
         finally:
-            self._finish()
+            try:
+                self._finish()
+            finally:
+                _running.pop(id(self), None)
         return self.stats
 
     def _finish(self) -> None:
@@ -258,8 +288,45 @@ class Drainer:
             self.loaded_at.pop(destination_id, None)
 
 
-def drain(budget: float, linger: float = LINGER) -> DrainStats:
-    with claims.bookkeeping_without_fsync():
-        stats = Drainer(budget, linger).run()
+def shut_down() -> int:
+    """This process is stopping: every drain loop running in it stops claiming, finishes what
+    it has in flight and ends, and loops started from now on end at once. Returns how many
+    were running and not yet stopping. Only sets flags, so it is safe in a signal handler."""
+    global _shutting_down
+    _shutting_down = True
+    asked = 0
+    for drainer in list(_running.values()):
+        if not drainer.stopping:
+            drainer.stop()
+            asked += 1
+    return asked
+
+
+# One drain loop per process at a time. Loops share the process's pump, whose event loop cannot
+# run twice at once ("This event loop is already running"): with Celery's threads pool (`make
+# run`) a second drain task failed whenever a kick came while one was running. The running loop
+# serves every destination, and finds new rows by itself, so the second task has nothing to add.
+_one_loop = threading.Lock()
+
+
+def _new_lock_after_fork() -> None:
+    global _one_loop
+    _one_loop = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
+
+
+def drain(
+    budget: float, linger: float = LINGER, stop_requested: Callable[[], bool] | None = None
+) -> DrainStats:
+    if not _one_loop.acquire(blocking=False):
+        log.debug("drain: a loop is already running in this process")
+        return DrainStats()
+    try:
+        with claims.bookkeeping_without_fsync():
+            stats = Drainer(budget, linger, stop_requested).run()
+    finally:
+        _one_loop.release()
     log.debug("drain: %s", stats)
     return stats

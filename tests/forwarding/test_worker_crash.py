@@ -8,99 +8,19 @@ TEST_REDIS_URL is set, else the embedded filesystem transport.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections import Counter
-from pathlib import Path
 
 import pytest
-from django.conf import settings
-from django.db import connection
 
 from apps.forwarding.models import Attempt, Delivery, Outcome, Status
 from apps.forwarding.outbox import write_outbox
 
 from .conftest import make_event, make_webhook
 from .receiver import Answer, signed_by
+from .worker import Worker, wait_for
 
-REPO = Path(__file__).resolve().parents[2]
 EVENTS = 1500
-
-
-def _database_url() -> str:
-    db = connection.settings_dict
-    if connection.vendor == "sqlite":
-        return f"sqlite:///{db['NAME']}"
-    if connection.vendor == "postgresql":
-        user = db.get("USER") or "root"
-        auth = f"{user}:{db['PASSWORD']}" if db.get("PASSWORD") else user
-        host, port = db.get("HOST") or "127.0.0.1", db.get("PORT") or 5432
-        return f"postgres://{auth}@{host}:{port}/{db['NAME']}"
-    pytest.skip(f"no worker URL for {connection.vendor}")
-
-
-class Worker:
-    def __init__(self, queue: str, log: Path) -> None:
-        self.queue = queue
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
-            DATABASE_URL=_database_url(),
-            SECRET_KEY=settings.SECRET_KEY,
-            FIELD_ENCRYPTION_KEYS=",".join(settings.FIELD_ENCRYPTION_KEYS),
-            EGRESS_ALLOW="127.0.0.1/32",
-            WEBHOOK_ALLOW_HTTP="1",
-            DELIVERY_QUEUE=self.queue,
-            DELIVERY_SWEEP_SECONDS="1",
-            DELIVERY_LEASE_MARGIN="2",
-            DELIVERY_DRAIN_SECONDS="10",
-            CELERY_BROKER_URL=os.environ.get("TEST_REDIS_URL") or "filesystem://",
-        )
-        return env
-
-    def start(self) -> None:
-        command = [
-            sys.executable, "-m", "celery", "-A", "iotplatform", "worker", "-B",
-            "-Q", self.queue, "-c", "2", "-l", "info", "-n", f"{self.queue}@%h",
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
-            "-s", str(self.log.with_suffix(".beat")),
-        ]  # fmt: skip
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                command, cwd=REPO, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: children die with it
-            )  # fmt: skip
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-
-def _wait(predicate, timeout: float, what: str, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-            pytest.fail(f"timed out waiting for {what}\n--- worker log ---\n{tail}")
-        time.sleep(0.2)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -119,14 +39,14 @@ def test_killing_a_worker_mid_burst_loses_nothing(
     worker = Worker(queue, log)
     try:
         worker.start()
-        _wait(lambda: len(receiver.requests) >= 300, 60, "the burst to start", log)
+        wait_for(lambda: len(receiver.requests) >= 300, 60, "the burst to start", log)
         worker.kill()
         in_flight = Delivery.objects.filter(status=Status.SENDING).count()
         delivered_before = Delivery.objects.filter(status=Status.DELIVERED).count()
         assert delivered_before < EVENTS, "the burst ended before the kill"
 
         worker.start()
-        _wait(
+        wait_for(
             lambda: Delivery.objects.filter(status=Status.DELIVERED).count() == EVENTS,
             120,
             "every delivery after the restart",

@@ -18,7 +18,7 @@ from apps.forwarding.models import Delivery, Status
 from apps.forwarding.outbox import write_outbox
 
 from ..conftest import deliver_due, make_event
-from ..test_worker_crash import Worker, _wait
+from ..worker import Worker, wait_for
 from .conftest import create_readings, make_db_destination
 
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
@@ -111,14 +111,14 @@ def test_killing_a_worker_mid_burst_loses_no_row(
     worker = Worker(queue, log)
     try:
         worker.start()
-        _wait(lambda: postgres_db.count("readings") >= 300, 60, "the burst to start", log)
+        wait_for(lambda: postgres_db.count("readings") >= 300, 60, "the burst to start", log)
         worker.kill()
         assert postgres_db.count("readings") < EVENTS, "the burst ended before the kill"
         # No row was left marked as being sent: nothing waits for a lease to expire.
         assert not Delivery.objects.filter(status=Status.SENDING).exists()
 
         worker.start()
-        _wait(
+        wait_for(
             lambda: Delivery.objects.filter(status=Status.DELIVERED).count() == EVENTS,
             120,
             "every delivery after the restart",
