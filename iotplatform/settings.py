@@ -206,6 +206,9 @@ MQTT_MAX_PAYLOAD = env.int("MQTT_MAX_PAYLOAD", default=64 * 1024)
 MQTT_ADMIN_URL = env.str("MQTT_ADMIN_URL", default="")
 MQTT_ADMIN_USERNAME = env.str("MQTT_ADMIN_USERNAME", default="dynsec-admin")
 MQTT_ADMIN_PASSWORD = env.str("MQTT_ADMIN_PASSWORD", default="")
+# Beat removes broker logins no active credential accounts for (deletions and revocations the
+# broker missed while it was down) this often; 0 = never (then `provision_broker --all`).
+BROKER_PRUNE_MINUTES = env.float("BROKER_PRUNE_MINUTES", default=15.0)
 INGEST_BATCH_SIZE = env.int("INGEST_BATCH_SIZE", default=500)
 INGEST_BATCH_MS = env.int("INGEST_BATCH_MS", default=50)
 # A device is offline after OFFLINE_FACTOR x its expected interval without any message.

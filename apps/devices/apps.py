@@ -1,4 +1,5 @@
 from django.apps import AppConfig
+from django.conf import settings
 
 
 class DevicesConfig(AppConfig):
@@ -6,4 +7,14 @@ class DevicesConfig(AppConfig):
     label = "devices"
 
     def ready(self) -> None:
+        from iotplatform.celery import app
+
         from . import credentials  # noqa: F401 - connects its signal receivers
+
+        if settings.BROKER_PRUNE_MINUTES > 0:
+            # Copied into beat's table on start, with the interval of the process running beat.
+            app.add_periodic_task(
+                settings.BROKER_PRUNE_MINUTES * 60,
+                app.signature("devices.prune_logins"),
+                name="devices.prune_logins",
+            )

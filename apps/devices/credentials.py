@@ -261,7 +261,8 @@ def remove_logins(usernames: list[str]) -> list[str]:
 
     A username is left alone when an active credential has it again by now (a device re-created
     under the same id meanwhile). One broker session for all; a broker that is down or not
-    configured is logged, and `provision_broker --all` removes the logins later (orphans)."""
+    configured is logged, and the periodic prune (`tasks.prune_logins`) or `provision_broker
+    --all` removes the logins later (orphans)."""
     active = set(
         DeviceCredential.objects.filter(
             username__in=usernames, revoked_at__isnull=True
@@ -281,8 +282,8 @@ def remove_logins(usernames: list[str]) -> list[str]:
         return done
     except BrokerError as exc:
         logger.warning(
-            "broker login of deleted credential not removed usernames=%s error=%r; "
-            "`manage.py provision_broker --all` removes them",
+            "broker login of deleted credential not removed usernames=%s error=%r; the periodic "
+            "prune (BROKER_PRUNE_MINUTES) or `manage.py provision_broker --all` removes them",
             ",".join(gone),
             str(exc),
         )

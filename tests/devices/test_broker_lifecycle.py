@@ -307,3 +307,40 @@ def test_a_deletion_while_the_broker_is_down_is_logged_and_pruned_later(
     with broker_session() as admin:
         assert f"deleted orphan client {device.device_id} (disconnected)" in prune(admin)
     assert peers(broker_settings, device.device_id, password).connect().is_failure
+
+
+def test_the_periodic_prune_removes_a_login_the_broker_kept_after_a_deletion(
+    alice_owner, broker_settings, settings, peers, caplog, committed
+):
+    from apps.devices.tasks import prune_logins
+
+    device = lamp(alice_owner)
+    committed(issue_credential, device)
+    password = password_of(device)
+    kept = lamp(alice_owner)
+    committed(issue_credential, kept)
+    settings.MQTT_ADMIN_URL = "mqtt://127.0.0.1:9"  # the broker's admin is unreachable
+    committed(device.delete)
+
+    # While it stays unreachable the prune says so and changes nothing.
+    assert prune_logins() == []
+    assert "broker logins not pruned" in caplog.text
+    settings.MQTT_ADMIN_URL = broker_settings.url
+    assert peers(broker_settings, device.device_id, password).connect().is_failure is False
+
+    done = prune_logins()
+
+    assert f"deleted orphan client {device.device_id} (disconnected)" in done
+    assert f"deleted orphan role device-{device.device_id}" in done
+    assert not any(kept.device_id in step for step in done)
+    assert peers(broker_settings, device.device_id, password).connect().is_failure
+    online(peers, broker_settings, kept)  # the other device's login is untouched
+    assert prune_logins() == []  # nothing left to do
+
+
+def test_beat_runs_the_prune_every_broker_prune_minutes(settings):
+    from iotplatform.celery import app
+
+    entry = app.conf.beat_schedule["devices.prune_logins"]
+    assert entry["task"] == "devices.prune_logins"
+    assert entry["schedule"] == settings.BROKER_PRUNE_MINUTES * 60
