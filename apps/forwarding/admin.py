@@ -20,7 +20,6 @@ from django.urls import NoReverseMatch, path, reverse
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from django.utils.html import format_html
-from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 from unfold.admin import ModelAdmin, TabularInline
 from unfold.decorators import display
@@ -32,6 +31,7 @@ from apps.owners.scoping import has_role, owners_for, scope
 
 from . import actions, stats
 from .database import admin as _database_admin  # registers DatabaseDestinationAdmin
+from .destination_admin import back_url
 from .kinds import KINDS
 from .models import Attempt, Delivery, DeliveryAlert, Destination, Outcome, Status
 from .webhook import admin as _webhook_admin  # noqa: F401 - registers WebhookDestinationAdmin
@@ -80,13 +80,6 @@ class AttemptInline(OwnerScopedAdminMixin, ReadOnlyMixin, TabularInline):
         qs = super().get_queryset(request)
         newest = qs.order_by("-id").values_list("id", flat=True)[:ATTEMPTS_INLINE]
         return qs.filter(id__in=list(newest))
-
-
-def _back(request: HttpRequest, default: str) -> str:
-    back = request.POST.get("next", "")
-    if url_has_allowed_host_and_scheme(back, {request.get_host()}, request.is_secure()):
-        return back
-    return default
 
 
 def _when(value: str | None) -> datetime | None:
@@ -205,7 +198,9 @@ class DeliveryAdmin(OwnerScopedAdminMixin, ReadOnlyMixin, ModelAdmin):
         else:
             count = 0
         self.message_user(request, f"{count} deliveries queued again.", messages.SUCCESS)
-        return HttpResponseRedirect(_back(request, reverse("admin:forwarding_delivery_changelist")))
+        return HttpResponseRedirect(
+            back_url(request, reverse("admin:forwarding_delivery_changelist"))
+        )
 
 
 @admin.register(Attempt)

@@ -14,18 +14,15 @@ from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
-from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
-from django.urls import path, reverse
+from django.http import HttpRequest
 from django.utils.html import format_html, format_html_join
-from django.utils.http import url_has_allowed_host_and_scheme
-from django.views.decorators.http import require_POST
-from unfold.admin import ModelAdmin, TabularInline
+from unfold.admin import TabularInline
 from unfold.decorators import display
 
 from apps.owners.admin_mixins import OwnerScopedAdminMixin
 
-from .. import actions as forwarding_actions
 from .. import stats
+from ..destination_admin import DestinationAdmin, DestinationForm
 from ..models import EVENT_TYPE_CHOICES
 from . import actions, ddl, identifiers, mapping
 from .models import BatchOutcome, DatabaseBatch, DatabaseDestination
@@ -69,7 +66,7 @@ class KeyColumnsField(forms.CharField):
             raise ValidationError(exc.messages) from None
 
 
-class DatabaseDestinationForm(forms.ModelForm):
+class DatabaseDestinationForm(DestinationForm):
     event_types = forms.MultipleChoiceField(
         choices=EVENT_TYPE_CHOICES,
         required=False,
@@ -130,17 +127,6 @@ class DatabaseDestinationForm(forms.ModelForm):
         if password is not None:
             password.help_text = "Stored encrypted; leave blank to keep the current one."
 
-    def clean(self) -> dict[str, Any]:
-        cleaned = super().clean()
-        owner = cleaned.get("owner") or (self.instance.owner if self.instance.pk else None)
-        devices = cleaned.get("devices")
-        if owner is not None and devices is not None:
-            foreign = [d for d in devices if d.owner_id != owner.pk]
-            if foreign:
-                # A member of two owners must not route one owner's devices to the other.
-                self.add_error("devices", "Pick devices of this destination's owner only.")
-        return cleaned
-
 
 class RecentBatchesFormSet(forms.BaseInlineFormSet):
     def get_queryset(self) -> Any:
@@ -185,13 +171,6 @@ class DatabaseBatchInline(OwnerScopedAdminMixin, TabularInline):
         return obj.get_outcome_display()
 
 
-def _back(request: HttpRequest, default: str) -> str:
-    back = request.POST.get("next", "")
-    if url_has_allowed_host_and_scheme(back, {request.get_host()}, request.is_secure()):
-        return back
-    return default
-
-
 def state_of(obj: DatabaseDestination) -> str:
     if not obj.enabled:
         return "Disabled"
@@ -211,9 +190,10 @@ STATE_LABELS = {
 
 
 @admin.register(DatabaseDestination)
-class DatabaseDestinationAdmin(OwnerScopedAdminMixin, ModelAdmin):
+class DatabaseDestinationAdmin(DestinationAdmin):
     form = DatabaseDestinationForm
     inlines = [DatabaseBatchInline]
+    backlog_verb = "written"
     list_display = (
         "name",
         "owner",
@@ -279,11 +259,6 @@ class DatabaseDestinationAdmin(OwnerScopedAdminMixin, ModelAdmin):
         ),
     )
 
-    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple:
-        # The owner is fixed once created: the password is encrypted bound to it.
-        fields = tuple(super().get_readonly_fields(request, obj))
-        return (*fields, "owner") if obj is not None else fields
-
     def get_inlines(self, request: HttpRequest, obj: Any = None) -> Any:
         return self.inlines if obj is not None else ()
 
@@ -300,19 +275,6 @@ class DatabaseDestinationAdmin(OwnerScopedAdminMixin, ModelAdmin):
     @display(description="Rows written", ordering="delivered_count")
     def rows_written(self, obj: DatabaseDestination) -> str:
         return f"{obj.delivered_count} in {obj.batch_count} batches"
-
-    @display(description="Success rate")
-    def success(self, obj: DatabaseDestination) -> str:
-        rate = obj.success_rate
-        return "–" if rate is None else f"{rate:.1%}"
-
-    @display(description="Last test")
-    def test_result(self, obj: DatabaseDestination) -> str:
-        if obj.last_test_at is None:
-            return "never"
-        verdict = "OK" if obj.last_test_ok else "failed"
-        ms = f" · {obj.last_test_ms} ms" if obj.last_test_ms is not None else ""
-        return f"{verdict}{ms} — {obj.last_test_message} ({obj.last_test_at:%Y-%m-%d %H:%M} UTC)"
 
     @display(description="Test findings")
     def test_findings(self, obj: DatabaseDestination) -> str:
@@ -365,93 +327,31 @@ class DatabaseDestinationAdmin(OwnerScopedAdminMixin, ModelAdmin):
 
     # --- saving -----------------------------------------------------------------------------
 
-    def save_model(
-        self, request: HttpRequest, obj: DatabaseDestination, form: Any, change: bool
-    ) -> None:
-        re_enabled = change and obj.enabled and form.initial.get("enabled") is False
-        if re_enabled:
-            obj.enabled = False  # enable_destination() does it, and drains the backlog in order
-        super().save_model(request, obj, form, change)
+    def saved(self, request: HttpRequest, obj: DatabaseDestination, form: Any) -> None:
         if form.cleaned_data.get("create_table"):
             done, message = actions.create_table(obj)
             self.message_user(request, message, messages.SUCCESS if done else messages.ERROR)
-        if re_enabled:
-            backlog = forwarding_actions.enable_destination(obj)
-            self.message_user(request, f"Enabled; {backlog} waiting deliveries will be written.")
+
+    def changed(self, obj: DatabaseDestination) -> None:
         actions.destination_changed(obj)
 
-    # --- extra views: test, enable/disable ----------------------------------------------------
-
-    def get_urls(self) -> list:
-        name = f"{self.opts.app_label}_{self.opts.model_name}"
-        view = self.admin_site.admin_view
-        return [
-            path("<path:object_id>/test/", view(require_POST(self.test_view)), name=f"{name}_test"),
-            path(
-                "<path:object_id>/enabled/",
-                view(require_POST(self.enabled_view)),
-                name=f"{name}_enabled",
-            ),
-            *super().get_urls(),
-        ]
-
-    def _scoped(self, request: HttpRequest, object_id: str, role: str) -> DatabaseDestination:
-        obj = self.get_object(request, object_id)  # another owner's destination: 404
-        if obj is None or not self.has_role(request, role, obj):
-            raise Http404("No such destination")
-        return obj
-
-    def _change_url(self, obj: DatabaseDestination) -> str:
-        return reverse("admin:forwarding_databasedestination_change", args=[obj.pk])
-
-    def test_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        obj = self._scoped(request, object_id, self.operate_role)
-        result = forwarding_actions.test_destination(obj)
-        level = messages.SUCCESS if result.ok else messages.ERROR
-        self.message_user(request, f"Test Connection of “{obj}”: {result.message}", level)
-        return HttpResponseRedirect(_back(request, self._change_url(obj)))
-
-    def enabled_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        obj = self._scoped(request, object_id, self.change_role)
-        if request.POST.get("enabled") == "1":
-            backlog = forwarding_actions.enable_destination(obj)
-            self.message_user(request, f"“{obj}” enabled; {backlog} waiting rows will be written.")
-        else:
-            forwarding_actions.disable_destination(
-                obj, f"Disabled by {request.user.get_username()}."
-            )
-            self.message_user(request, f"“{obj}” disabled; new events are not queued for it.")
-        return HttpResponseRedirect(_back(request, self._change_url(obj)))
-
-    # --- list actions -----------------------------------------------------------------------
+    # --- list actions (views: DestinationAdmin) ---------------------------------------------
 
     @admin.action(description="Test Connection", permissions=["operate"])
     def test_selected(self, request: HttpRequest, queryset: QuerySet[DatabaseDestination]) -> None:
-        for obj in queryset[:20]:
-            if self.has_role(request, self.operate_role, obj):
-                result = forwarding_actions.test_destination(obj)
-                level = messages.SUCCESS if result.ok else messages.ERROR
-                self.message_user(request, f"“{obj}”: {result.message}", level)
+        self.test_each(request, queryset)
 
     @admin.action(description="Enable (and write their backlog)", permissions=["change"])
     def enable_selected(
         self, request: HttpRequest, queryset: QuerySet[DatabaseDestination]
     ) -> None:
-        for obj in queryset:
-            if self.has_role(request, self.change_role, obj):
-                forwarding_actions.enable_destination(obj)
-        self.message_user(request, "Enabled.")
+        self.enable_each(request, queryset)
 
     @admin.action(description="Disable", permissions=["change"])
     def disable_selected(
         self, request: HttpRequest, queryset: QuerySet[DatabaseDestination]
     ) -> None:
-        for obj in queryset:
-            if self.has_role(request, self.change_role, obj):
-                forwarding_actions.disable_destination(
-                    obj, f"Disabled by {request.user.get_username()}."
-                )
-        self.message_user(request, "Disabled.")
+        self.disable_each(request, queryset)
 
 
 def recent_batches(owner_id: int, limit: int = 20) -> list[DatabaseBatch]:

@@ -10,20 +10,21 @@ from __future__ import annotations
 from typing import Any
 
 from django import forms
-from django.contrib import admin, messages
+from django.contrib import admin
 from django.db.models import QuerySet
-from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
-from django.urls import path, reverse
+from django.urls import path
 from django.utils.html import format_html
-from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
-from unfold.admin import ModelAdmin, TabularInline
+from unfold.admin import TabularInline
 from unfold.decorators import display
 
 from apps.owners.admin_mixins import OwnerScopedAdminMixin
 
 from .. import actions, stats
+from ..destination_admin import DestinationAdmin, DestinationForm
+from ..kinds import TestResult
 from ..models import EVENT_TYPE_CHOICES
 from .models import WebhookDestination, WebhookHeader
 
@@ -35,7 +36,7 @@ class TemplateField(forms.JSONField):
         return "" if value is None else super().prepare_value(value)
 
 
-class WebhookDestinationForm(forms.ModelForm):
+class WebhookDestinationForm(DestinationForm):
     event_types = forms.MultipleChoiceField(
         choices=EVENT_TYPE_CHOICES,
         required=False,
@@ -75,17 +76,6 @@ class WebhookDestinationForm(forms.ModelForm):
                 "generated and shown once). Paste a whsec_… secret to set your own."
             )
 
-    def clean(self) -> dict[str, Any]:
-        cleaned = super().clean()
-        owner = cleaned.get("owner") or (self.instance.owner if self.instance.pk else None)
-        devices = cleaned.get("devices")
-        if owner is not None and devices is not None:
-            foreign = [d for d in devices if d.owner_id != owner.pk]
-            if foreign:
-                # A member of two owners must not route one owner's devices to the other.
-                self.add_error("devices", "Pick devices of this destination's owner only.")
-        return cleaned
-
 
 class WebhookHeaderInline(OwnerScopedAdminMixin, TabularInline):
     model = WebhookHeader
@@ -93,15 +83,8 @@ class WebhookHeaderInline(OwnerScopedAdminMixin, TabularInline):
     extra = 0
 
 
-def _back(request: HttpRequest, default: str) -> str:
-    back = request.POST.get("next", "")
-    if url_has_allowed_host_and_scheme(back, {request.get_host()}, request.is_secure()):
-        return back
-    return default
-
-
 @admin.register(WebhookDestination)
-class WebhookDestinationAdmin(OwnerScopedAdminMixin, ModelAdmin):
+class WebhookDestinationAdmin(DestinationAdmin):
     form = WebhookDestinationForm
     inlines = [WebhookHeaderInline]
     list_display = (
@@ -142,11 +125,6 @@ class WebhookDestinationAdmin(OwnerScopedAdminMixin, ModelAdmin):
         ),
     )
 
-    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple:
-        # The owner is fixed once created: secrets are encrypted bound to it.
-        fields = tuple(super().get_readonly_fields(request, obj))
-        return (*fields, "owner") if obj is not None else fields
-
     # --- display ----------------------------------------------------------------------------
 
     @display(
@@ -157,22 +135,6 @@ class WebhookDestinationAdmin(OwnerScopedAdminMixin, ModelAdmin):
         if not obj.enabled:
             return "Disabled"
         return "Failing" if obj.failing_since else "Enabled"
-
-    @display(description="Success rate")
-    def success(self, obj: WebhookDestination) -> str:
-        rate = obj.success_rate
-        return "–" if rate is None else f"{rate:.1%}"
-
-    @display(description="Last test")
-    def test_result(self, obj: WebhookDestination) -> str:
-        if obj.last_test_at is None:
-            return "never"
-        verdict = "OK" if obj.last_test_ok else "failed"
-        code = f" · HTTP {obj.last_test_status}" if obj.last_test_status else ""
-        ms = f" · {obj.last_test_ms} ms" if obj.last_test_ms is not None else ""
-        return (
-            f"{verdict}{code}{ms} — {obj.last_test_message} ({obj.last_test_at:%Y-%m-%d %H:%M} UTC)"
-        )
 
     @display(description="Figures")
     def monitoring(self, obj: WebhookDestination | None) -> str:
@@ -203,14 +165,7 @@ class WebhookDestinationAdmin(OwnerScopedAdminMixin, ModelAdmin):
         self, request: HttpRequest, obj: WebhookDestination, form: Any, change: bool
     ) -> None:
         generated = not obj.secret
-        re_enabled = change and obj.enabled and form.initial.get("enabled") is False
-        if re_enabled:
-            obj.enabled = False  # enable_destination() does it, and drains the backlog in order
         super().save_model(request, obj, form, change)
-        if re_enabled:
-            backlog = actions.enable_destination(obj)
-            self.message_user(request, f"Enabled; {backlog} waiting deliveries will be sent.")
-        actions.destination_saved(obj)
         # Shown once, by response_add, never stored outside the encrypted field.
         request._generated_secret = obj.secret.reveal() if generated else None  # type: ignore[attr-defined]
 
@@ -234,89 +189,45 @@ class WebhookDestinationAdmin(OwnerScopedAdminMixin, ModelAdmin):
                 "destination": obj,
                 "secret": secret,
                 "what": what,
-                "change_url": reverse("admin:forwarding_webhookdestination_change", args=[obj.pk]),
+                "change_url": self.change_url(obj),
             },
         )
         response["Cache-Control"] = "no-store"
         return response
 
-    # --- extra views: test, rotate, enable/disable --------------------------------------------
+    # --- extra views: rotate (test, enable/disable: DestinationAdmin) -------------------------
 
-    def get_urls(self) -> list:
-        name = f"{self.opts.app_label}_{self.opts.model_name}"
+    def extra_urls(self, name: str) -> list:
         view = self.admin_site.admin_view
         return [
-            path("<path:object_id>/test/", view(require_POST(self.test_view)), name=f"{name}_test"),
             path(
                 "<path:object_id>/rotate/",
                 view(require_POST(self.rotate_view)),
                 name=f"{name}_rotate",
-            ),
-            path(
-                "<path:object_id>/enabled/",
-                view(require_POST(self.enabled_view)),
-                name=f"{name}_enabled",
-            ),
-            *super().get_urls(),
+            )
         ]
 
-    def _scoped(self, request: HttpRequest, object_id: str, role: str) -> WebhookDestination:
-        obj = self.get_object(request, object_id)  # another owner's destination: 404
-        if obj is None or not self.has_role(request, role, obj):
-            raise Http404("No such destination")
-        return obj
-
-    def test_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        obj = self._scoped(request, object_id, self.operate_role)
-        result = actions.test_destination(obj)
-        level = messages.SUCCESS if result.ok else messages.ERROR
+    def test_message(self, result: TestResult) -> str:
         code = f" (HTTP {result.status_code})" if result.status_code else ""
-        self.message_user(request, f"Test Connection of “{obj}”: {result.message}{code}.", level)
-        return HttpResponseRedirect(
-            _back(request, reverse("admin:forwarding_webhookdestination_change", args=[obj.pk]))
-        )
+        return f"{result.message}{code}."
 
     def rotate_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        obj = self._scoped(request, object_id, self.change_role)
+        obj = self.scoped(request, object_id, self.change_role)
         secret = actions.rotate_secret(obj)
         return self._show_secret(request, obj, secret, "rotated")
-
-    def enabled_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        obj = self._scoped(request, object_id, self.change_role)
-        if request.POST.get("enabled") == "1":
-            backlog = actions.enable_destination(obj)
-            self.message_user(
-                request, f"“{obj}” enabled; {backlog} waiting deliveries will be sent."
-            )
-        else:
-            actions.disable_destination(obj, f"Disabled by {request.user.get_username()}.")
-            self.message_user(request, f"“{obj}” disabled; new events are not queued for it.")
-        return HttpResponseRedirect(
-            _back(request, reverse("admin:forwarding_webhookdestination_change", args=[obj.pk]))
-        )
 
     # --- list actions -----------------------------------------------------------------------
 
     @admin.action(description="Test Connection (signed ping)", permissions=["operate"])
     def test_selected(self, request: HttpRequest, queryset: QuerySet[WebhookDestination]) -> None:
-        for obj in queryset[:20]:
-            if self.has_role(request, self.operate_role, obj):
-                result = actions.test_destination(obj)
-                level = messages.SUCCESS if result.ok else messages.ERROR
-                self.message_user(request, f"“{obj}”: {result.message}.", level)
+        self.test_each(request, queryset)
 
     @admin.action(description="Enable (and send their backlog)", permissions=["change"])
     def enable_selected(self, request: HttpRequest, queryset: QuerySet[WebhookDestination]) -> None:
-        for obj in queryset:
-            if self.has_role(request, self.change_role, obj):
-                actions.enable_destination(obj)
-        self.message_user(request, "Enabled.")
+        self.enable_each(request, queryset)
 
     @admin.action(description="Disable", permissions=["change"])
     def disable_selected(
         self, request: HttpRequest, queryset: QuerySet[WebhookDestination]
     ) -> None:
-        for obj in queryset:
-            if self.has_role(request, self.change_role, obj):
-                actions.disable_destination(obj, f"Disabled by {request.user.get_username()}.")
-        self.message_user(request, "Disabled.")
+        self.disable_each(request, queryset)
