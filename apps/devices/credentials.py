@@ -250,13 +250,19 @@ def _credential_deleted(sender: type, instance: DeviceCredential, using: str, **
     transaction.on_commit(partial(_remove_deleted, connection), using=using)
 
 
+# The removal after a deletion runs in the request that deleted (admin, API): it waits for a
+# broker that does not answer this long, not the admin connection's usual 10 s. What it misses,
+# the periodic prune (`tasks.prune_logins`) removes.
+REMOVE_AFTER_DELETE_TIMEOUT = 3.0
+
+
 def _remove_deleted(connection: Any) -> None:
     usernames = _deleted_logins.pop(connection, set())
     if usernames:
-        remove_logins(sorted(usernames))
+        remove_logins(sorted(usernames), timeout=REMOVE_AFTER_DELETE_TIMEOUT)
 
 
-def remove_logins(usernames: list[str]) -> list[str]:
+def remove_logins(usernames: list[str], timeout: float | None = None) -> list[str]:
     """Delete logins the database no longer has from the broker; what was done, in words.
 
     A username is left alone when an active credential has it again by now (a device re-created
@@ -273,7 +279,7 @@ def remove_logins(usernames: list[str]) -> list[str]:
         return []
     done: list[str] = []
     try:
-        with DynsecAdmin.from_settings() as admin:
+        with DynsecAdmin.from_settings(timeout) as admin:
             for username in gone:
                 steps = broker.plan(admin, username, None)
                 broker.apply(admin, steps)

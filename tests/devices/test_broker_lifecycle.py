@@ -344,3 +344,27 @@ def test_beat_runs_the_prune_every_broker_prune_minutes(settings):
     entry = app.conf.beat_schedule["devices.prune_logins"]
     assert entry["task"] == "devices.prune_logins"
     assert entry["schedule"] == settings.BROKER_PRUNE_MINUTES * 60
+
+
+def test_a_deletion_waits_only_briefly_for_a_broker_that_does_not_answer(
+    alice_owner, broker_settings, settings, caplog, committed
+):
+    # The removal runs in the request that deleted the device: a broker that takes the TCP
+    # connection but never answers (a hung Mosquitto, a black-holing firewall) holds the
+    # request for the short timeout only, not the admin connection's usual 10 s.
+    import socket
+
+    from apps.devices.credentials import REMOVE_AFTER_DELETE_TIMEOUT
+
+    device = lamp(alice_owner)
+    committed(issue_credential, device)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the kernel accepts connections; nobody ever answers
+        settings.MQTT_ADMIN_URL = f"mqtt://127.0.0.1:{silent.getsockname()[1]}"
+
+        committed(device.delete)
+
+    assert f"within {REMOVE_AFTER_DELETE_TIMEOUT:g} s" in caplog.text
+    assert device.device_id in caplog.text
+    assert not DeviceCredential.objects.filter(username=device.device_id).exists()
