@@ -18,7 +18,7 @@ from apps.forwarding.outbox import write_outbox
 
 from .conftest import make_event, make_webhook
 from .receiver import Answer, signed_by
-from .worker import Worker, wait_for
+from .worker import Worker, wait_all_delivered, wait_for
 
 EVENTS = 1500
 
@@ -46,12 +46,7 @@ def test_killing_a_worker_mid_burst_loses_nothing(
         assert delivered_before < EVENTS, "the burst ended before the kill"
 
         worker.start()
-        wait_for(
-            lambda: Delivery.objects.filter(status=Status.DELIVERED).count() == EVENTS,
-            120,
-            "every delivery after the restart",
-            log,
-        )
+        wait_all_delivered(EVENTS, log)
     finally:
         worker.stop()
 

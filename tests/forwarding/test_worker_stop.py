@@ -19,7 +19,7 @@ from apps.forwarding.outbox import write_outbox
 
 from .conftest import make_event, make_webhook
 from .receiver import Answer
-from .worker import Worker, wait_for
+from .worker import Worker, wait_all_delivered, wait_for
 
 EVENTS = 600
 # Far longer than the test waits for the worker to exit: a stop that waited for the budget fails.
@@ -64,12 +64,7 @@ def test_a_stopped_worker_finishes_its_deliveries_in_flight_and_exits(
         # The next worker takes over (its periodic sweep finds the due rows) and sends the rest.
         receiver.script("/hook", Answer(200))
         worker.start()
-        wait_for(
-            lambda: Delivery.objects.filter(status=Status.DELIVERED).count() == EVENTS,
-            120,
-            "every delivery after the restart",
-            log,
-        )
+        wait_all_delivered(EVENTS, log)
     finally:
         worker.stop()
 

@@ -105,3 +105,15 @@ def wait_for(predicate, timeout: float, what: str, log: Path) -> None:
             tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
             pytest.fail(f"timed out waiting for {what}\n--- worker log ---\n{tail}")
         time.sleep(0.2)
+
+
+def wait_all_delivered(total: int, log: Path, timeout: float = 120) -> None:
+    """After a worker's restart: until every one of the `total` deliveries is delivered."""
+    from apps.forwarding.models import Delivery, Status
+
+    wait_for(
+        lambda: Delivery.objects.filter(status=Status.DELIVERED).count() == total,
+        timeout,
+        "every delivery after the restart",
+        log,
+    )

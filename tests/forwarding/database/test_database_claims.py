@@ -18,7 +18,7 @@ from apps.forwarding.models import Delivery, Status
 from apps.forwarding.outbox import write_outbox
 
 from ..conftest import deliver_due, make_event
-from ..worker import Worker, wait_for
+from ..worker import Worker, wait_all_delivered, wait_for
 from .conftest import create_readings, make_db_destination
 
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
@@ -118,12 +118,7 @@ def test_killing_a_worker_mid_burst_loses_no_row(
         assert not Delivery.objects.filter(status=Status.SENDING).exists()
 
         worker.start()
-        wait_for(
-            lambda: Delivery.objects.filter(status=Status.DELIVERED).count() == EVENTS,
-            120,
-            "every delivery after the restart",
-            log,
-        )
+        wait_all_delivered(EVENTS, log)
     finally:
         worker.stop()
 
