@@ -57,9 +57,9 @@ def enable_destination(destination: Destination) -> int:
         enabled=True, disabled_reason="", disabled_at=None, failing_since=None, alerted_at=None
     )
     # One due time for all: the claim's tie-break on id then delivers in event order.
-    backlog = Delivery.objects.filter(destination=destination, status=Status.PENDING).update(
-        next_attempt_at=now
-    )
+    pending = Delivery.objects.filter(destination=destination, status=Status.PENDING)
+    backlog = pending.events()
+    pending.update(next_attempt_at=now)
     DeliveryAlert.objects.filter(destination=destination, resolved_at=None).update(resolved_at=now)
     destination.enabled = True
     destination.disabled_reason = ""
@@ -138,9 +138,12 @@ REPLAYABLE = (Status.FAILED, Status.DELIVERED)
 @transaction.atomic
 def replay_deliveries(deliveries: QuerySet[Delivery]) -> int:
     """Send these deliveries again: same webhook-id, a fresh retry budget. Rows still pending or
-    being sent are left alone (they are on their way). Returns how many were queued."""
+    being sent are left alone (they are on their way). Returns how many events were queued (a
+    database destination's row carries a batch of them)."""
     now = timezone.now()
-    count = deliveries.filter(status__in=REPLAYABLE).update(
+    replayable = deliveries.filter(status__in=REPLAYABLE)
+    events = replayable.events()
+    count = replayable.update(
         status=Status.PENDING,
         attempts=0,
         next_attempt_at=now,
@@ -151,7 +154,7 @@ def replay_deliveries(deliveries: QuerySet[Delivery]) -> int:
     )
     if count:
         transaction.on_commit(_kick, robust=True)  # else the next sweep kicks
-    return count
+    return events if count else 0
 
 
 def replay_range(

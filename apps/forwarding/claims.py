@@ -47,8 +47,9 @@ class Claimed:
     message_id: str
     event_id: str
     event_type: str
-    payload: dict[str, Any]
+    payload: Any  # the event; for a pack (events > 1, or a list), the list of its events
     attempt: int  # the number of this attempt, 1-based
+    events: int = 1
 
 
 @dataclass(slots=True)
@@ -68,6 +69,7 @@ class Result:
     retry_after: float | None = None  # seconds, from the receiver's Retry-After
     # False when the kind keeps its own log of successes (database batches): no attempt row.
     logged: bool = True
+    events: int = 1  # the row's events this outcome counts for (a pack's)
 
 
 @dataclass(slots=True)
@@ -151,7 +153,7 @@ def claim(
                 lease_expires_at = %b, last_attempt_at = %b
             FROM due WHERE d.id = due.id
             RETURNING d.id, d.owner_id, d.message_id, d.event_id, d.event_type, d.payload,
-                      d.attempts
+                      d.attempts, d.events
         """  # noqa: S608 - table name from model meta, values bound
     else:
         sql = f"""
@@ -164,7 +166,7 @@ def claim(
                 ORDER BY next_attempt_at, id
                 LIMIT %s
             )
-            RETURNING id, owner_id, message_id, event_id, event_type, payload, attempts
+            RETURNING id, owner_id, message_id, event_id, event_type, payload, attempts, events
         """  # noqa: S608
     lease_until = _db_time(now + timedelta(seconds=lease_seconds))
     select_params = [destination_id, str(Status.PENDING), _db_time(now), limit]
@@ -187,6 +189,7 @@ def claim(
             event_type=row[4],
             payload=orjson.loads(row[5]) if isinstance(row[5], str | bytes) else row[5],
             attempt=row[6],
+            events=row[7],
         )
         for row in rows
     ]
@@ -215,7 +218,7 @@ def lock_due(destination_id: int, limit: int, now: datetime | None = None) -> li
         return []
     now = now or timezone.now()
     sql = f"""
-        SELECT id, owner_id, message_id, event_id, event_type, payload, attempts + 1
+        SELECT id, owner_id, message_id, event_id, event_type, payload, attempts + 1, events
         FROM {_table()}
         WHERE destination_id = %b AND status = %b AND next_attempt_at <= %b
         ORDER BY next_attempt_at, id
@@ -227,9 +230,60 @@ def lock_due(destination_id: int, limit: int, now: datetime | None = None) -> li
         rows = cursor.fetchall()
     loads = orjson.loads
     return [
-        Claimed(row[0], row[1], destination_id, row[2], row[3], row[4], loads(row[5]), row[6])
+        Claimed(
+            row[0], row[1], destination_id, row[2], row[3], row[4], loads(row[5]), row[6], row[7]
+        )
         for row in rows
     ]
+
+
+def split_out(
+    row: Claimed,
+    kept: list[Any],
+    apart: list[dict[str, Any]],
+    token: str | None,
+    lease_seconds: float,
+    now: datetime | None = None,
+) -> list[Claimed]:
+    """Take events out of a claimed pack (`outbox.write_outbox`): the row keeps `kept`, and
+    each event of `apart` becomes a row of its own, claimed like the pack (leased by `token`,
+    or, with None, new in the caller's transaction, which holds the pack locked), so that
+    `record` gives each its outcome: a dead letter to replay alone, or a retry."""
+    from .outbox import message_id
+
+    now = now or timezone.now()
+    Delivery.objects.filter(pk=row.id).update(payload=kept, events=len(kept))
+    twins = []
+    for payload in apart:
+        event_id = str(payload.get("id") or row.event_id)[:64]
+        twins.append(
+            Delivery(
+                owner_id=row.owner_id,
+                destination_id=row.destination_id,
+                event_id=event_id,
+                event_type=str(payload.get("type") or row.event_type)[:32],
+                device=str((payload.get("device") or {}).get("id") or "")[:63],
+                message_id=message_id(row.destination_id, event_id),
+                payload=payload,
+                events=1,
+                created_at=now,
+                next_attempt_at=now,
+                # Leased: as claimed, attempt counted; locked: `record` counts the attempt.
+                status=Status.SENDING if token else Status.PENDING,
+                attempts=row.attempt if token else row.attempt - 1,
+                lease_token=token,
+                lease_expires_at=now + timedelta(seconds=lease_seconds) if token else None,
+                last_attempt_at=now if token else None,
+            )
+        )
+    created = Delivery.objects.bulk_create(twins)
+    return [
+        Claimed(
+            d.id, row.owner_id, row.destination_id, d.message_id, d.event_id, d.event_type,
+            d.payload, row.attempt,
+        )
+        for d in created
+    ]  # fmt: skip
 
 
 def reclaim_expired(now: datetime | None = None) -> int:
@@ -476,9 +530,10 @@ def _update_destinations(kept: list[Result], now: datetime, summary: Recorded) -
     for r in kept:
         by_destination[r.destination_id].append(r)
     for destination_id, results in by_destination.items():
-        ok = sum(r.outcome == Outcome.DELIVERED for r in results)
-        retried = sum(r.outcome == Outcome.RETRY for r in results)
-        failed = sum(r.outcome == Outcome.FAILED for r in results)
+        # Events, not rows: a pack counts for its events.
+        ok = sum(r.events for r in results if r.outcome == Outcome.DELIVERED)
+        retried = sum(r.events for r in results if r.outcome == Outcome.RETRY)
+        failed = sum(r.events for r in results if r.outcome == Outcome.FAILED)
         summary.delivered += ok
         summary.retried += retried
         summary.failed += failed

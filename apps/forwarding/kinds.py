@@ -84,6 +84,10 @@ class Kind:
     # Rows per unit of the platform's rate limits (DELIVERY_*_RATE count webhook requests):
     # a row of a batched database write costs the workers a small fraction of a request.
     rate_scale: int = 1
+    # Kinds that write batches (databases) get one outbox row per listener batch, carrying its
+    # events as a list, at most the destination's `batch_size` (see `outbox.py`); the others
+    # one row per event.
+    packs: bool = False
 
     @property
     def model(self) -> type[Model]:
@@ -105,6 +109,7 @@ KINDS: dict[str, Kind] = {
             "forwarding.DatabaseDestination",
             "apps.forwarding.database.transport.DatabaseTransport",
             rate_scale=10,
+            packs=True,
         ),
     )
 }

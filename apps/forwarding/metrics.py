@@ -4,7 +4,7 @@ database, so that every worker process's work is counted once)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.db.models import Count, Min, Q, QuerySet, Sum
 from django.utils import timezone
@@ -18,6 +18,19 @@ from .stats import percentile
 
 LATENCY_WINDOW = timedelta(minutes=5)
 LATENCY_SAMPLE = 5000
+
+
+def oldest_due(now: datetime) -> dict[str, datetime]:
+    """Per kind, since when the oldest due delivery of an enabled destination has waited."""
+    return {
+        row["destination__kind"]: row["oldest"]
+        for row in Delivery.objects.filter(
+            status=Status.PENDING, next_attempt_at__lte=now, destination__enabled=True
+        )
+        .order_by()
+        .values("destination__kind")
+        .annotate(oldest=Min("next_attempt_at"))
+    }
 
 
 @register_collector("delivery")
@@ -63,7 +76,7 @@ def delivery_metrics() -> Iterator[Metric]:
         for row in Delivery.objects.filter(status__in=[Status.PENDING, Status.SENDING])
         .order_by()
         .values("destination__kind", "status")
-        .annotate(n=Count("id"))
+        .annotate(n=Sum("events"))  # events: a database destination's row carries several
     }
     for kind in kinds:
         for status in (Status.PENDING, Status.SENDING):
@@ -75,15 +88,7 @@ def delivery_metrics() -> Iterator[Metric]:
         "How long the oldest due delivery of an enabled destination has waited (0: none).",
         labels=["kind"],
     )
-    oldest = {
-        row["destination__kind"]: row["oldest"]
-        for row in Delivery.objects.filter(
-            status=Status.PENDING, next_attempt_at__lte=now, destination__enabled=True
-        )
-        .order_by()
-        .values("destination__kind")
-        .annotate(oldest=Min("next_attempt_at"))
-    }
+    oldest = oldest_due(now)
     for kind in kinds:
         when = oldest.get(kind)
         lag.add_metric([kind], (now - when).total_seconds() if when else 0)

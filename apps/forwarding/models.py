@@ -170,6 +170,12 @@ class JSONTextField(models.TextField):
         return dumps_json(self.value_from_object(obj))
 
 
+class DeliveryQuerySet(models.QuerySet):
+    def events(self) -> int:
+        """The events these rows carry (a database destination's row carries a batch)."""
+        return self.aggregate(n=models.Sum("events"))["n"] or 0
+
+
 class Delivery(models.Model):
     """One event for one destination: the outbox row and its retry state."""
 
@@ -197,6 +203,12 @@ class Delivery(models.Model):
     # The webhook-id: derived from (destination, event), so stable across retries and replays.
     message_id = models.CharField(max_length=40)
     payload = JSONTextField()
+    # How many events the row carries. A row of a batch kind (database) carries the events of
+    # one listener batch, its payload their list ("a pack", see `outbox.py`); every other row
+    # carries one event, its payload that event.
+    events = models.PositiveIntegerField(
+        default=1, help_text="A database destination's row carries a batch of events."
+    )
     created_at = models.DateTimeField(default=timezone.now)
 
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
@@ -209,6 +221,8 @@ class Delivery(models.Model):
     last_error = models.CharField(max_length=300, blank=True)
     delivered_at = models.DateTimeField(null=True, blank=True)
     replays = models.PositiveSmallIntegerField(default=0)
+
+    objects = DeliveryQuerySet.as_manager()
 
     class Meta:
         verbose_name_plural = "deliveries"

@@ -379,6 +379,13 @@ def backlog_phase(env: dict, queue: str, targets: Targets, engine: str, prefix: 
     }
 
 
+# The outbox's events, one row each: a database destination's row carries a list of them.
+OUTBOX_EVENTS = (
+    "forwarding_delivery d, jsonb_array_elements(CASE jsonb_typeof(d.payload::jsonb)"
+    " WHEN 'array' THEN d.payload::jsonb ELSE jsonb_build_array(d.payload::jsonb) END) e"
+)
+
+
 def telemetry_high_water(platform) -> int:
     # Only this phase's meters publish while it runs: new telemetry ids are its messages. A
     # count(*) over telemetry every second cost this busy machine ~5% of its CPU.
@@ -423,7 +430,7 @@ def fast_phase(env: dict, mqtt_url: str, targets: Targets, parts: dict) -> dict:
             meter.mark(got)
         # Sinks claim by row lock: their rows stay 'pending' until written (the due index).
         backlog = platform.execute(
-            "SELECT count(*) FROM forwarding_delivery"
+            "SELECT coalesce(sum(events), 0) FROM forwarding_delivery"
             " WHERE destination_id = %s AND status = 'pending'",
             (destination,),
         ).fetchone()[0]
@@ -438,8 +445,8 @@ def fast_phase(env: dict, mqtt_url: str, targets: Targets, parts: dict) -> dict:
     # Both rates count from the first publish (the events' own "ts"), as bench-ingest does:
     # to the listeners' last outbox commit, and to the last row committed in the target.
     first_publish, last_outbox = platform.execute(
-        "SELECT min((payload::jsonb->>'ts')::timestamptz), max(created_at) FROM forwarding_delivery"
-        " WHERE device LIKE %s AND created_at >= %s",
+        f"SELECT min((e->>'ts')::timestamptz), max(d.created_at) FROM {OUTBOX_EVENTS}"
+        " WHERE e->'device'->>'id' LIKE %s AND d.created_at >= %s",
         (f"{prefix}-%", since),
     ).fetchone()
     platform.close()
@@ -496,9 +503,10 @@ def stages(env: dict, prefix: str) -> dict:
 
     with psycopg.connect(env["DATABASE_URL"].replace("postgres://", "postgresql://", 1)) as c:
         rows = c.execute(
-            "SELECT extract(epoch FROM created_at - (payload::jsonb->>'ts')::timestamptz) * 1000,"
-            " extract(epoch FROM delivered_at - created_at) * 1000"
-            " FROM forwarding_delivery WHERE device LIKE %s AND delivered_at IS NOT NULL",
+            "SELECT extract(epoch FROM d.created_at - (e->>'ts')::timestamptz) * 1000,"
+            " extract(epoch FROM d.delivered_at - d.created_at) * 1000"
+            f" FROM {OUTBOX_EVENTS}"
+            " WHERE e->'device'->>'id' LIKE %s AND d.delivered_at IS NOT NULL",
             (f"{prefix}-%",),
         ).fetchall()
     ingest = [float(r[0]) for r in rows]

@@ -15,6 +15,8 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
+from apps.forwarding.models import Delivery, Status
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -108,11 +110,11 @@ def wait_for(predicate, timeout: float, what: str, log: Path) -> None:
 
 
 def wait_all_delivered(total: int, log: Path, timeout: float = 120) -> None:
-    """After a worker's restart: until every one of the `total` deliveries is delivered."""
-    from apps.forwarding.models import Delivery, Status
+    """After a worker's restart: until every one of the `total` events is delivered (a
+    database destination's row carries several)."""
 
     wait_for(
-        lambda: Delivery.objects.filter(status=Status.DELIVERED).count() == total,
+        lambda: Delivery.objects.filter(status=Status.DELIVERED).events() == total,
         timeout,
         "every delivery after the restart",
         log,

@@ -332,7 +332,13 @@ class AttemptSerializer(serializers.ModelSerializer):
 
 class DeliverySerializer(serializers.ModelSerializer):
     destination = serializers.UUIDField(source="destination.uuid", read_only=True)
-    payload = serializers.JSONField()
+    payload = serializers.JSONField(
+        help_text="The event; for a row carrying several (`events` > 1), the list of them."
+    )
+    events = serializers.IntegerField(
+        read_only=True,
+        help_text="Events the row carries: a database destination's row carries a batch.",
+    )
 
     class Meta:
         model = Delivery
@@ -352,6 +358,7 @@ class DeliverySerializer(serializers.ModelSerializer):
             "delivered_at",
             "replays",
             "created_at",
+            "events",
             "payload",
         )
 
@@ -388,7 +395,7 @@ class ReplaySerializer(serializers.Serializer):
 
 
 class ReplayResultSerializer(serializers.Serializer):
-    replayed = serializers.IntegerField()
+    replayed = serializers.IntegerField(help_text="Events queued again.")
 
 
 DELIVERY_PARAMS = [
@@ -531,8 +538,9 @@ def destination_stats(destination: Destination) -> dict[str, Any]:
         "retried": destination.retried_count,
         "attempts": destination.attempt_count,
         "success_rate": destination.success_rate,
-        "backlog": deliveries.filter(status__in=[Status.PENDING, Status.SENDING]).count(),
-        "dead_letters": deliveries.filter(status=Status.FAILED).count(),
+        # Events (a database destination's row carries several).
+        "backlog": deliveries.filter(status__in=[Status.PENDING, Status.SENDING]).events(),
+        "dead_letters": deliveries.filter(status=Status.FAILED).events(),
         "last_success_at": destination.last_success_at,
         "last_error": destination.last_error,
         "last_error_at": destination.last_error_at,

@@ -31,7 +31,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.conf import settings as django_settings
 from django.db import connection as db_connection
@@ -292,6 +292,9 @@ class DatabaseTransport:
         self._sinks: dict[int, Sink] = {}
         self._health: dict[int, Health] = {}
         self._pruned_at = 0.0
+        # Events per outbox row lately, per destination (packs: see outbox.py), to claim about
+        # a batch's worth of rows. Each destination's key is only touched by its sink's thread.
+        self._per_row: dict[int, float] = {}
 
     def _forked(self) -> None:
         # Threads (and their connections) do not survive a fork (Celery prefork): start afresh.
@@ -395,19 +398,22 @@ class DatabaseTransport:
 
     # --- the sink thread's side ------------------------------------------------------------------
 
-    def _grant(self, config: TargetConfig) -> int:
-        """How many rows the next batch may take: the batch size, within the rate limits; one
-        probe row when a failing destination's pause is over; none while it is paused."""
+    def _grant(self, config: TargetConfig) -> tuple[int, bool]:
+        """How many events the next batch may take, and whether the rate limits cut that: the
+        batch size, within the rate limits; one probe row (a pack, whatever its size) when a
+        failing destination's pause is over; none while it is paused."""
         health = self._health_of(config)
         if health.streak:
             if health.paused_until > time.time():
-                return 0
+                return 0, False
             if not actions.claim_probe(config.destination_id, config.lease_seconds):
                 with self._lock:
                     health.paused_until = time.time() + 1.0  # another process probes
-                return 0
-            return 1
-        return ratelimit.grant(config, config.settings.batch_size)
+                return 0, False
+            return 1, False
+        wanted = config.settings.batch_size
+        granted = ratelimit.grant(config, wanted)
+        return granted, granted < wanted
 
     def pull(self, session: Session, config: TargetConfig) -> tuple[Progress | None, bool]:
         """Claim, write and record one batch. Returns what it came to (None: nothing was due)
@@ -419,31 +425,41 @@ class DatabaseTransport:
         are due again at once (at-least-once: an upsert makes the repeat harmless). Elsewhere
         (SQLite) rows are leased first, as webhooks are.
         """
-        limit = self._grant(config)
+        limit, limited = self._grant(config)  # events
         if not limit:
             return None, False
         destination_id = config.destination_id
         policies = {destination_id: config.policy}
+        # Rows carry up to a batch of events each (packs): claim about `limit` events' worth.
+        per_row = self._per_row.get(destination_id, 1.0)
+        wanted = max(1, int(limit / per_row))
         if db_connection.vendor == "postgresql":
             with transaction.atomic():
                 with db_connection.cursor() as cursor:
                     # Only the workers' own bookkeeping: see claims.bookkeeping_without_fsync.
                     cursor.execute("SET LOCAL synchronous_commit TO OFF")
-                rows = claims.lock_due(destination_id, limit)
+                # Rows locked beyond `limit` events stay untouched (unlocked at commit).
+                rows = _within(claims.lock_due(destination_id, wanted), limit)
+                if limited and rows and rows[0].events > limit:
+                    # The rate limit left less than the next pack this second (packs are at
+                    # most the limit, see outbox.routes_for): it goes in a later second.
+                    rows = []
                 if not rows:
                     return None, False
                 results = self.flush(session, config, rows)
                 recorded = claims.record(results, None, policies)
         else:
             token = uuid.uuid4().hex
-            rows = claims.claim(destination_id, limit, token, config.lease_seconds)
+            rows = claims.claim(destination_id, wanted, token, config.lease_seconds)
             if not rows:
                 return None, False
-            results = self.flush(session, config, rows)
+            results = self.flush(session, config, rows, token)
             recorded = claims.record(results, token, policies)
+        events = sum(row.events for row in rows)
+        self._per_row[destination_id] = events / len(rows)
         progress = Progress(
             destination_id,
-            rows=len(rows),
+            rows=events,
             delivered=recorded.delivered,
             retried=recorded.retried,
             failed=recorded.failed,
@@ -451,11 +467,19 @@ class DatabaseTransport:
         )
         return progress, not self._health_of(config).streak
 
-    def flush(self, session: Session, config: TargetConfig, rows: list[Claimed]) -> list[Result]:
-        """Write one batch to the owner's table; one `Result` per row."""
+    def flush(
+        self,
+        session: Session,
+        config: TargetConfig,
+        rows: list[Claimed],
+        token: str | None = None,
+    ) -> list[Result]:
+        """Write one batch to the owner's table; one `Result` per outbox row, and one per event
+        split out of a pack (below). `token`: the rows' lease (None: locked, PostgreSQL)."""
         started = timezone.now()
         t0 = time.perf_counter()
-        outcomes: list[tuple[str, str]] = [(Outcome.RETRY, "Internal error")] * len(rows)
+        items, spans = _unpack(rows)
+        outcomes: list[tuple[str, str]] = [(Outcome.RETRY, "Internal error")] * len(items)
         statements = 0
         failure: SinkError | None = None
         try:
@@ -464,7 +488,7 @@ class DatabaseTransport:
                 try:
                     reused = session.ready(config)
                     session.last_used = time.monotonic()
-                    statements = self._write(session, config, rows, outcomes)
+                    statements = self._write(session, config, items, outcomes)
                     failure = None
                     break
                 except SinkError as exc:
@@ -477,15 +501,15 @@ class DatabaseTransport:
             # A bug must not strand the rows: they are retried on the schedule.
             log.exception("database destination=%s: writing a batch", config.destination_id)
             session.close()
-            outcomes = [(Outcome.RETRY, "Internal error")] * len(rows)
+            outcomes = [(Outcome.RETRY, "Internal error")] * len(items)
         duration_ms = int((time.perf_counter() - t0) * 1000)
 
         if failure is not None:
-            outcomes = [(Outcome.RETRY, failure.message)] * len(rows)
+            outcomes = [(Outcome.RETRY, failure.message)] * len(items)
             log.info(
                 "database destination=%s batch of %d failed (%s): %s",
                 config.destination_id,
-                len(rows),
+                len(items),
                 failure.kind.value,
                 failure.message,
             )
@@ -495,9 +519,10 @@ class DatabaseTransport:
                 health.streak += 1
                 health.paused_until = time.time() + pause
 
-        self._record(config, rows, outcomes, failure, started, duration_ms, statements)
-        return [
-            Result(
+        self._record(config, items, outcomes, failure, started, duration_ms, statements)
+
+        def result(row: Claimed, outcome: str, error: str, events: int) -> Result:
+            return Result(
                 delivery_id=row.id,
                 destination_id=config.destination_id,
                 owner_id=row.owner_id,
@@ -508,9 +533,29 @@ class DatabaseTransport:
                 error=error,
                 # Written rows are in the batch log; only failures get their own row.
                 logged=outcome != Outcome.DELIVERED,
+                events=events,
             )
-            for row, (outcome, error) in zip(rows, outcomes, strict=True)
-        ]
+
+        results = []
+        for row, (start, end) in zip(rows, spans, strict=True):
+            mine = outcomes[start:end]
+            if not mine:  # a pack of no events (none is written so): nothing to do
+                results.append(result(row, Outcome.DELIVERED, "", 0))
+                continue
+            if all(o == mine[0] for o in mine):
+                results.append(result(row, *mine[0], end - start))
+                continue
+            # A pack whose events fared differently: the row keeps the written ones (or, if
+            # none was, the first event's lot), every other event gets a row of its own, so a
+            # dead letter is shown, replayed and retried by itself.
+            keep = next((o for o in mine if o[0] == Outcome.DELIVERED), mine[0])
+            kept = [items[start + i].payload for i, o in enumerate(mine) if o == keep]
+            apart = [(items[start + i].payload, o) for i, o in enumerate(mine) if o != keep]
+            split = claims.split_out(row, kept, [p for p, _ in apart], token, config.lease_seconds)
+            results.append(result(row, *keep, len(kept)))
+            for twin, (_payload, (outcome, error)) in zip(split, apart, strict=True):
+                results.append(result(twin, outcome, error, 1))
+        return results
 
     def _health_of(self, config: TargetConfig) -> Health:
         with self._lock:
@@ -520,7 +565,7 @@ class DatabaseTransport:
         self,
         session: Session,
         config: TargetConfig,
-        claimed: list[Claimed],
+        claimed: list[Item],
         outcomes: list[tuple[str, str]],
     ) -> int:
         """Render, convert and write; fills `outcomes`; returns the statements used."""
@@ -578,7 +623,7 @@ class DatabaseTransport:
     def _record(
         self,
         config: TargetConfig,
-        rows: list[Claimed],
+        rows: list[Item],
         outcomes: list[tuple[str, str]],
         failure: SinkError | None,
         started: datetime,
@@ -598,7 +643,7 @@ class DatabaseTransport:
     def _record_batch(
         self,
         config: TargetConfig,
-        rows: list[Claimed],
+        rows: list[Item],
         outcomes: list[tuple[str, str]],
         failure: SinkError | None,
         started: datetime,
@@ -645,6 +690,36 @@ class DatabaseTransport:
         if now - self._pruned_at > actions.PRUNE_EVERY:
             self._pruned_at = now
             actions.prune_batches()
+
+
+class Item(NamedTuple):
+    """One event of a claimed row: the row's id and owner, and the event."""
+
+    id: int
+    owner_id: int
+    payload: dict[str, Any]
+
+
+def _unpack(rows: list[Claimed]) -> tuple[list[Item], list[tuple[int, int]]]:
+    """The events of the claimed rows, in order, and each row's slice of them."""
+    items: list[Item] = []
+    spans: list[tuple[int, int]] = []
+    for row in rows:
+        start = len(items)
+        payloads = row.payload if isinstance(row.payload, list) else [row.payload]
+        items.extend(Item(row.id, row.owner_id, payload) for payload in payloads)
+        spans.append((start, len(items)))
+    return items, spans
+
+
+def _within(rows: list[Claimed], limit: int) -> list[Claimed]:
+    """The first rows whose events add up to at most `limit` (the first row in any case)."""
+    total = 0
+    for index, row in enumerate(rows):
+        total += row.events
+        if total > limit and index:
+            return rows[:index]
+    return rows
 
 
 def _hashable(value: Any) -> Any:

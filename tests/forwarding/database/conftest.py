@@ -212,3 +212,11 @@ def make_db_destination(owner: Owner, db: TargetDB, **fields: Any) -> DatabaseDe
     destination.save()
     outbox.forget_routes()
     return destination
+
+
+def events_of(destination: DatabaseDestination, **filters: Any) -> int:
+    """Events in the destination's outbox rows (a row carries a batch of them, see
+    `outbox.write_outbox`), filtered like `Delivery.objects.filter`."""
+    from apps.forwarding.models import Delivery
+
+    return Delivery.objects.filter(destination=destination, **filters).events()

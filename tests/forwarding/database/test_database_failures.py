@@ -17,16 +17,18 @@ from apps.forwarding.models import AlertKind, Attempt, Delivery, DeliveryAlert, 
 from apps.forwarding.outbox import write_outbox
 
 from ..conftest import deliver_due, make_event
-from .conftest import create_readings, make_db_destination
+from .conftest import create_readings, events_of, make_db_destination
 from .proxy import Proxy
 
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
 
 
 def statuses(destination) -> dict[str, int]:
+    """Events by status (a row carries a batch of events)."""
     counts: dict[str, int] = {}
-    for status in Delivery.objects.filter(destination=destination).values_list("status", flat=True):
-        counts[status] = counts.get(status, 0) + 1
+    rows = Delivery.objects.filter(destination=destination).values_list("status", "events")
+    for status, events in rows:
+        counts[status] = counts.get(status, 0) + events
     return counts
 
 
@@ -107,9 +109,7 @@ def test_an_unreachable_database_keeps_its_backlog_and_drains_it_when_back(
         for _round in range(3):
             write_outbox([make_event(alice_meter, data={"power": 2.0}) for _ in range(150)])
             deliver_due()
-            backlog.append(
-                Delivery.objects.filter(destination=destination, status=Status.PENDING).count()
-            )
+            backlog.append(events_of(destination, status=Status.PENDING))
             time.sleep(1.1)
         assert backlog == sorted(backlog) and backlog[-1] == 450  # it grows, nothing is lost
         destination.refresh_from_db()
@@ -200,12 +200,13 @@ def test_a_refused_login_puts_the_destination_in_error_without_a_retry_storm(
     assert destination.failure_streak == proxy.connections and destination.enabled
     [alert] = DeliveryAlert.objects.filter(destination=destination)
     assert alert.kind == AlertKind.FAILING and "refused the login" in alert.message
-    # After the first batch, each probe is one row: 400+ rows were never used to knock.
+    # After the first batch, each probe is one outbox row (one listener batch of 10 events):
+    # 400+ events were never used to knock.
     probes = DatabaseBatch.objects.filter(destination=destination).order_by("id")[1:]
-    assert [b.rows for b in probes] == [1] * len(probes)
+    assert [b.rows for b in probes] == [10] * len(probes)
     assert all(b.outcome == BatchOutcome.ERROR for b in probes)
     assert not Delivery.objects.filter(destination=destination, status=Status.FAILED).exists()
-    assert Delivery.objects.filter(destination=destination, status=Status.PENDING).count() > 400
+    assert events_of(destination, status=Status.PENDING) > 400
     # The password never travels further than the connect call.
     assert "wrong-password" not in str(Attempt.objects.values_list("error", flat=True))
     assert caplog.records and "wrong-password" not in caplog.text

@@ -14,7 +14,7 @@ from apps.forwarding.models import Attempt, Delivery, Status
 from apps.forwarding.outbox import write_outbox
 
 from ..conftest import deliver_due, make_event
-from .conftest import create_readings, make_db_destination
+from .conftest import create_readings, events_of, make_db_destination
 
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
 
@@ -28,10 +28,12 @@ def test_append_writes_one_row_per_event(target_db, alice_owner, alice_meter) ->
     destination = make_db_destination(alice_owner, target_db, write_mode="append")
     ts = datetime(2025, 3, 1, 12, 30, 15, 123000, tzinfo=UTC)
     events = [make_event(alice_meter, data={"power": 10.0 + i, "v": i}, ts=ts) for i in range(20)]
-    write_outbox(events)
+    assert write_outbox(events) == 20
+    # One outbox row carries the listener batch's 20 events (a pack), not one row each.
+    assert Delivery.objects.filter(destination=destination).count() == 1
     deliver_due()
 
-    assert Delivery.objects.filter(destination=destination, status=Status.DELIVERED).count() == 20
+    assert events_of(destination, status=Status.DELIVERED) == 20
     rows = target_db.rows("readings", order="power")
     assert [r[0] for r in rows] == [e.event_id for e in events]
     event_id, device_id, row_ts, power, data = rows[3]
@@ -82,13 +84,13 @@ def test_replaying_an_upsert_batch_leaves_the_table_unchanged(
         versions = target_db.execute("SELECT event_id, xmin::text FROM readings ORDER BY 1")
 
     replayed = actions.replay_deliveries(Delivery.objects.filter(destination=destination))
-    assert replayed == 50
+    assert replayed == 50  # events
     deliver_due()
     assert target_db.rows("readings", order="event_id") == before
     if target_db.engine == "postgres":
         # Not even rewritten: the same row versions (the update is skipped when nothing differs).
         assert target_db.execute("SELECT event_id, xmin::text FROM readings ORDER BY 1") == versions
-    assert Delivery.objects.filter(destination=destination, replays=1).count() == 50
+    assert events_of(destination, replays=1, status=Status.DELIVERED) == 50
     # Written rows are logged per batch, not per row (dead letters do get attempt rows).
     assert not Attempt.objects.filter(destination=destination).exists()
     assert DatabaseBatch.objects.filter(destination=destination).count() >= 2

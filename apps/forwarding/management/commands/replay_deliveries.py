@@ -63,7 +63,8 @@ class Command(BaseCommand):
             deliveries = deliveries.filter(created_at__lt=options["until"])
         deliveries = deliveries.filter(status__in=statuses)
         if options["dry_run"]:
-            self.stdout.write(f"would replay {deliveries.count()} deliveries of {owner.slug}")
+            # Events, as the replay counts them (a database destination's row carries several).
+            self.stdout.write(f"would replay {deliveries.events()} deliveries of {owner.slug}")
             return
         count = actions.replay_deliveries(deliveries)
         self.stdout.write(self.style.SUCCESS(f"replaying {count} deliveries of {owner.slug}"))
