@@ -279,6 +279,13 @@ DELIVERY_DISABLE_AFTER_HOURS = env.float("DELIVERY_DISABLE_AFTER_HOURS", default
 DELIVERY_RETENTION_DAYS = env.int("DELIVERY_RETENTION_DAYS", default=7)  # delivered rows, attempts
 DELIVERY_DEAD_RETENTION_DAYS = env.int("DELIVERY_DEAD_RETENTION_DAYS", default=30)
 
+# --- Retention of history (apps.core.retention); 0 days = keep forever -------------------------
+TELEMETRY_RETENTION_DAYS = env.int("TELEMETRY_RETENTION_DAYS", default=90)
+QUARANTINE_RETENTION_DAYS = env.int("QUARANTINE_RETENTION_DAYS", default=30)
+# State transitions, finished commands, schedule runs.
+HISTORY_RETENTION_DAYS = env.int("HISTORY_RETENTION_DAYS", default=365)
+RETENTION_PRUNE_MINUTES = env.float("RETENTION_PRUNE_MINUTES", default=60.0)  # 0 = never
+
 # --- Operations and demo ---------------------------------------------------------------------
 # Bearer token for /metrics; empty = open (keep /metrics off the public internet then).
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from django.conf import settings
 from django.contrib import admin
 from django.db.models import Count
 from django.http import HttpRequest
@@ -342,6 +343,14 @@ class ReadOnlyLogAdmin(OwnerScopedAdminMixin, ModelAdmin):
     # Counting millions of rows on every page is the slowest part of a big changelist.
     show_full_result_count = False
     list_per_page = 50
+    list_before_template = "admin/devices/log_retention.html"
+    # The days setting these rows are pruned by (apps.core.retention), shown above the list.
+    retention_setting = "HISTORY_RETENTION_DAYS"
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict | None = None) -> Any:
+        days = int(getattr(settings, self.retention_setting))
+        extra = {"retention_days": days if days > 0 else None, **(extra_context or {})}
+        return super().changelist_view(request, extra)
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -355,6 +364,7 @@ class ReadOnlyLogAdmin(OwnerScopedAdminMixin, ModelAdmin):
 
 @admin.register(Telemetry)
 class TelemetryAdmin(ReadOnlyLogAdmin):
+    retention_setting = "TELEMETRY_RETENTION_DAYS"
     list_display = ("time", "device", "owner", "kind", "seq", "summary", "received_at")
     list_filter = ("kind", ("device", OwnerScopedAutocompleteFilter), "owner")
     list_select_related = ("device", "owner")
@@ -421,6 +431,7 @@ class QuarantinedMessageAdmin(ReadOnlyLogAdmin):
     date_hierarchy = "received_at"
     list_select_related = ("device",)
     list_before_template = "admin/devices/quarantine_counts.html"
+    retention_setting = "QUARANTINE_RETENTION_DAYS"
     fields = (
         "received_at",
         "reason",

@@ -10,6 +10,9 @@ class DevicesConfig(AppConfig):
         from iotplatform.celery import app
 
         from . import credentials  # noqa: F401 - connects its signal receivers
+        from .retention import register_tables
+
+        register_tables()  # history pruned by apps.core.retention
 
         if settings.BROKER_PRUNE_MINUTES > 0:
             # Copied into beat's table on start, with the interval of the process running beat.

@@ -65,6 +65,13 @@ def test_a_valid_key_authenticates_and_names_its_owner(alice_api, alice_key):
     assert body["key"]["prefix"] == alice_key[0].prefix
 
 
+def test_capabilities_tell_how_far_back_history_goes(alice_api, settings):
+    settings.TELEMETRY_RETENTION_DAYS = 90
+    settings.HISTORY_RETENTION_DAYS = 0
+    body = alice_api.get(CAPABILITIES).json()
+    assert body["retention"] == {"telemetry_days": 90, "history_days": None}
+
+
 def test_no_credentials_is_401_with_a_bearer_challenge():
     response = ApiClient(None).get("/api/v1/devices/")
     assert response.status_code == 401

@@ -253,3 +253,26 @@ def test_an_operator_sets_a_new_password_write_only(client, admin_user, alice_cr
     )
     alice_credential.refresh_from_db()
     assert alice_credential.password.reveal() == "n3w-pass"
+
+
+@pytest.mark.parametrize(
+    ("model", "setting"),
+    [
+        ("telemetry", "TELEMETRY_RETENTION_DAYS"),
+        ("transition", "HISTORY_RETENTION_DAYS"),
+        ("command", "HISTORY_RETENTION_DAYS"),
+        ("quarantinedmessage", "QUARANTINE_RETENTION_DAYS"),
+    ],
+)
+def test_each_history_list_says_how_long_its_rows_are_kept(client, alice, model, setting, settings):
+    # apps.core.retention deletes these rows after their setting's days: the list says so.
+    url = reverse(f"admin:devices_{model}_changelist")
+    client.force_login(alice)
+    setattr(settings, setting, 42)
+    page = client.get(url).content.decode()
+    assert "Kept for 42 days: older rows are deleted automatically." in page
+
+    setattr(settings, setting, 0)
+    page = client.get(url).content.decode()
+    assert "Kept without a time limit." in page
+    assert "older rows are deleted" not in page

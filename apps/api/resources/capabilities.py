@@ -34,6 +34,16 @@ class LimitsSerializer(serializers.Serializer):
     idempotency_hours = serializers.FloatField()
 
 
+class RetentionSerializer(serializers.Serializer):
+    telemetry_days = serializers.IntegerField(
+        allow_null=True, help_text="Telemetry older than this is deleted; null: kept forever."
+    )
+    history_days = serializers.IntegerField(
+        allow_null=True,
+        help_text="Transitions, finished commands and schedule runs; null: kept forever.",
+    )
+
+
 class CapabilitiesSerializer(serializers.Serializer):
     key = KeyInfoSerializer()
     owner = OwnerInfoSerializer()
@@ -42,6 +52,7 @@ class CapabilitiesSerializer(serializers.Serializer):
         child=serializers.BooleanField(), help_text="Every scope, and whether this key has it."
     )
     rate_limit = LimitsSerializer()
+    retention = RetentionSerializer(help_text="How far back queries can reach.")
 
 
 @extend_schema(tags=["capabilities"])
@@ -70,6 +81,10 @@ class CapabilitiesView(ApiViewMixin, views.APIView):
                 "per_owner": settings.API_RATE_PER_OWNER,
                 "window_seconds": settings.API_RATE_WINDOW_SECONDS,
                 "idempotency_hours": settings.API_IDEMPOTENCY_TTL_HOURS,
+            },
+            "retention": {
+                "telemetry_days": settings.TELEMETRY_RETENTION_DAYS or None,
+                "history_days": settings.HISTORY_RETENTION_DAYS or None,
             },
         }
         return Response(CapabilitiesSerializer(data).data)
