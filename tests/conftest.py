@@ -140,6 +140,35 @@ def mqtt_broker() -> Iterator[Broker]:
         proc.wait(10)
 
 
+def mosquitto_binary(why: str) -> str:
+    """The mosquitto binary (Debian package mosquitto); the test is skipped without it."""
+    binary = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+    )
+    if not binary:
+        pytest.skip(f"needs the mosquitto binary ({why})")
+    return binary
+
+
+def launch_mosquitto(binary: str, directory: Path, config: str, port: int) -> subprocess.Popen:
+    """Start Mosquitto with `config` (written to `directory`) and wait until it listens on
+    `port`; raises with its error output if it does not within 10 s."""
+    conf = directory / "mosquitto.conf"
+    conf.write_text(config)
+    proc = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                err = proc.stderr.read() if proc.stderr else b""
+                raise RuntimeError(f"mosquitto did not start: {err!r} ({conf})") from None
+            time.sleep(0.05)
+
+
 @pytest.fixture
 def private_mosquitto(tmp_path) -> Iterator[Broker]:
     """A Mosquitto of this test's own, configured to queue without limit for offline sessions.
@@ -147,29 +176,15 @@ def private_mosquitto(tmp_path) -> Iterator[Broker]:
     The system Mosquitto keeps only 1,000 queued messages per offline client (its default), and
     is shared with whatever else runs on the machine; crash tests need neither.
     """
-    binary = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-    )
-    if not binary:
-        pytest.skip(
-            "needs the mosquitto binary (the embedded broker keeps no session across a crash)"
-        )
+    binary = mosquitto_binary("the embedded broker keeps no session across a crash")
     port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(
+    proc = launch_mosquitto(
+        binary,
+        tmp_path,
         f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "max_queued_messages 0\nmax_inflight_messages 0\n"
+        "max_queued_messages 0\nmax_inflight_messages 0\n",
+        port,
     )
-    proc = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mosquitto did not start: {proc.stderr.read()!r}") from None
-            time.sleep(0.05)
     try:
         yield Broker(f"mqtt://127.0.0.1:{port}", "5", "127.0.0.1", port)
     finally:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.db.models import Count, Max
 from django.utils import timezone
@@ -113,6 +113,13 @@ def device_metrics() -> Iterator[Metric]:
     yield devices
 
 
+def newest_telemetry_at() -> datetime | None:
+    """When the newest telemetry row was received (by id: the primary key, not a scan)."""
+    from apps.devices.models import Telemetry
+
+    return Telemetry.objects.order_by("-id").values_list("received_at", flat=True).first()
+
+
 @register_collector("ingest")
 def ingest_metrics() -> Iterator[Metric]:
     from apps.devices.models import QuarantinedMessage, QuarantineReason, Telemetry
@@ -129,7 +136,7 @@ def ingest_metrics() -> Iterator[Metric]:
         "Telemetry rows (readings, statuses, hellos, acks) received in the last 60 s.",
         value=recent.count(),
     )
-    newest = Telemetry.objects.order_by("-id").values_list("received_at", flat=True).first()
+    newest = newest_telemetry_at()
     yield GaugeMetricFamily(
         "iot_telemetry_last_received_timestamp_seconds",
         "Unix time of the newest telemetry row; 0 when there is none.",

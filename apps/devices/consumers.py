@@ -30,6 +30,14 @@ MAX_DEVICE_SUBSCRIPTIONS = 20
 CLIENT_BURST = 20
 CLIENT_REFILL_PER_S = 2.0
 
+# Sockets accepted by this process and not yet gone (`/metrics`: iot_websocket_clients). Only
+# the event loop's thread changes it.
+_connected = 0
+
+
+def connected() -> int:
+    return _connected
+
 
 class LiveConsumer(AsyncJsonWebsocketConsumer):
     owner_ids: set[int]
@@ -59,9 +67,16 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
             await self.channel_layer.group_add(group, self.channel_name)
         self._renewing = asyncio.create_task(self._renew_watch())
         await self.accept()
+        global _connected
+        _connected += 1
+        self._counted = True
         await self.send_json(await self._snapshot())
 
     async def disconnect(self, code: int) -> None:
+        if getattr(self, "_counted", False):
+            global _connected
+            _connected -= 1
+            self._counted = False
         renewing = getattr(self, "_renewing", None)
         if renewing is not None:
             renewing.cancel()

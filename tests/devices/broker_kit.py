@@ -19,7 +19,6 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from apps.devices.broker import DynsecAdmin
+from tests.conftest import launch_mosquitto, mosquitto_binary
 
 ADMIN = "dynsec-admin"
 SPY = "platform-spy"
@@ -112,11 +112,7 @@ def _init_dynsec(path: Path, password: str) -> None:
 
 
 def start_dynsec_mosquitto(directory: Path) -> DynsecBroker:
-    binary = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
-    )
-    if not binary:
-        pytest.skip("needs the mosquitto binary (Debian package mosquitto) for dynamic security")
+    binary = mosquitto_binary("for dynamic security")
     plugin = next((p for p in PLUGIN_PATHS if os.path.exists(p)), None)
     if not plugin:
         pytest.skip("needs Mosquitto's dynamic-security plugin (mosquitto_dynamic_security.so)")
@@ -125,8 +121,9 @@ def start_dynsec_mosquitto(directory: Path) -> DynsecBroker:
     _init_dynsec(dynsec, admin_password)
     port = _free_port()
     log = directory / "mosquitto.log"
-    conf = directory / "mosquitto.conf"
-    conf.write_text(
+    proc = launch_mosquitto(
+        binary,
+        directory,
         "per_listener_settings false\nallow_anonymous false\n"
         f"listener {port} 127.0.0.1\n"
         f"plugin {plugin}\nplugin_opt_config_file {dynsec}\n"
@@ -134,20 +131,9 @@ def start_dynsec_mosquitto(directory: Path) -> DynsecBroker:
         # Run as root, Mosquitto would switch to the user "mosquitto", who cannot read tmp_path.
         f"user {getpass.getuser()}\n"
         # Everything Mosquitto logs, so a test can check that no password ends up there.
-        f"log_dest file {log}\nlog_type all\n"
+        f"log_dest file {log}\nlog_type all\n",
+        port,
     )
-    proc = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                err = proc.stderr.read() if proc.stderr else b""
-                raise RuntimeError(f"mosquitto did not start: {err!r} {log}") from None
-            time.sleep(0.05)
     broker = DynsecBroker("127.0.0.1", port, admin_password, secrets.token_hex(16), log, proc)
     try:
         _add_platform_client(broker)

@@ -357,3 +357,27 @@ def test_nobody_watching_costs_no_sends_and_a_page_opened_later_gets_news(
         await socket.disconnect()
 
     run(scenario)
+
+
+def test_metrics_count_the_sockets_this_process_holds(alice, bob):
+    from apps.core import metrics
+    from tests.core.test_health import parse
+
+    def clients() -> float:
+        return parse(metrics.render().decode())["iot_websocket_clients"][()]
+
+    alice_cookie, bob_cookie = session_cookie(alice), session_cookie(bob)
+
+    async def scenario() -> None:
+        before = await sync_to_async(clients)()
+        refused = communicator(None)  # never accepted: never counted
+        assert not (await refused.connect(timeout=TIMEOUT))[0]
+        first, _ = await open_socket(alice_cookie)
+        second, _ = await open_socket(bob_cookie)
+        assert await sync_to_async(clients)() == before + 2
+        await first.disconnect()
+        assert await sync_to_async(clients)() == before + 1
+        await second.disconnect()
+        assert await sync_to_async(clients)() == before
+
+    run(scenario)
