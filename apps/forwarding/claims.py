@@ -131,13 +131,27 @@ def _table() -> str:
 
 
 def claim(
-    destination_id: int, limit: int, token: str, lease_seconds: float, now: datetime | None = None
+    destination_id: int,
+    limit: int,
+    token: str,
+    lease_seconds: float,
+    now: datetime | None = None,
+    *,
+    events: tuple[int, bool] | None = None,
 ) -> list[Claimed]:
-    """Take up to `limit` due deliveries of one destination, oldest first."""
+    """Take up to `limit` due deliveries of one destination, oldest first.
+
+    `events` = (budget, whole_first), for rows that carry several events (packs) on the lease
+    path: only the first rows whose events add up to at most `budget`, and the first row
+    even beyond it if `whole_first`. (On PostgreSQL packs are claimed with `lock_due`, whose
+    caller cuts what it locked.)
+    """
     if limit <= 0:
         return []
     now = now or timezone.now()
     table = _table()
+    if events is not None and connection.vendor == "postgresql":
+        raise ValueError("on PostgreSQL, claim packs with lock_due")
     if connection.vendor == "postgresql":
         # A CTE is evaluated once: the locked id set is exactly the updated one.
         sql = f"""
@@ -156,20 +170,37 @@ def claim(
                       d.attempts, d.events
         """  # noqa: S608 - table name from model meta, values bound
     else:
+        due = f"""
+            SELECT id FROM {table}
+            WHERE destination_id = %s AND status = %s AND next_attempt_at <= %s
+            ORDER BY next_attempt_at, id
+            LIMIT %s
+        """  # noqa: S608
+        if events is not None:
+            # The due rows in order, with their running count of events: a prefix of them.
+            due = f"""
+                SELECT id FROM (
+                    SELECT id,
+                        sum(events) OVER (ORDER BY next_attempt_at, id) AS running,
+                        row_number() OVER (ORDER BY next_attempt_at, id) AS n
+                    FROM {table}
+                    WHERE destination_id = %s AND status = %s AND next_attempt_at <= %s
+                    ORDER BY next_attempt_at, id
+                    LIMIT %s
+                ) AS due
+                WHERE running <= %s OR (n = 1 AND %s)
+            """  # noqa: S608
         sql = f"""
             UPDATE {table}
             SET status = %s, attempts = attempts + 1, lease_token = %s,
                 lease_expires_at = %s, last_attempt_at = %s
-            WHERE id IN (
-                SELECT id FROM {table}
-                WHERE destination_id = %s AND status = %s AND next_attempt_at <= %s
-                ORDER BY next_attempt_at, id
-                LIMIT %s
-            )
+            WHERE id IN ({due})
             RETURNING id, owner_id, message_id, event_id, event_type, payload, attempts, events
         """  # noqa: S608
     lease_until = _db_time(now + timedelta(seconds=lease_seconds))
     select_params = [destination_id, str(Status.PENDING), _db_time(now), limit]
+    if events is not None:
+        select_params += [events[0], events[1]]
     update_params = [str(Status.SENDING), token, lease_until, _db_time(now)]
     if connection.vendor == "postgresql":
         with _server_cursor() as cursor:

@@ -450,7 +450,11 @@ class DatabaseTransport:
                 recorded = claims.record(results, None, policies)
         else:
             token = uuid.uuid4().hex
-            rows = claims.claim(destination_id, wanted, token, config.lease_seconds)
+            # The same cut as `_within` above, and the same wait for a pack the rate limit has
+            # no room for, made in the claim: a leased row would have to be given back.
+            rows = claims.claim(
+                destination_id, wanted, token, config.lease_seconds, events=(limit, not limited)
+            )
             if not rows:
                 return None, False
             results = self.flush(session, config, rows, token)
