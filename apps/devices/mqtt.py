@@ -46,8 +46,11 @@ class BatchingClient(mqtt.Client):
     * one `recv()` of up to READ_SIZE bytes per `loop_read`, from which paho's packet reader is
       fed (at most one read from the kernel per call, so the buffer is always empty when paho
       goes back to `select()`, and a connection that never pauses cannot starve the writes);
-    * a plain PUBLISH (QoS 0 or 1, no properties) is decoded here into a tuple (topic, payload,
-      qos, mid, retained); anything else takes paho's own path, whose `on_message` is routed
+    * the plain PUBLISH packets (QoS 0 or 1, no properties) that lie whole in that buffer are
+      decoded straight from it (`take_publishes`) into tuples (topic, payload, qos, mid,
+      retained): paho's reader costs four `_sock_recv` calls and a dict of state per packet,
+      ~10 us of the listener's ~110 per message at 8,000/s. The first packet of a read, one
+      split across reads, and anything else take paho's own path, whose `on_message` is routed
       to the same list, in order;
     * `on_messages(list)` is called once per `loop_read` with what it read;
     * `ack_many(mids)` queues all the PUBACKs as one write and one wake-up.
@@ -83,6 +86,23 @@ class BatchingClient(mqtt.Client):
         end = pos + bufsize
         self._rbuf, self._rpos = buf, end
         return buf[pos:end] if pos or end < len(buf) else buf
+
+    def _packet_read(self) -> mqtt.MQTTErrorCode:
+        if self._in_packet["command"] == 0 and self._rpos < len(self._rbuf):
+            pos = take_publishes(
+                self._rbuf,
+                self._rpos,
+                self._received,
+                v5=self._protocol == mqtt.MQTTv5,
+                qos1=self._manual_ack,
+            )
+            if pos != self._rpos:
+                self._rpos = pos
+                with self._msgtime_mutex:
+                    self._last_bytes_received = mqtt.time_func()
+                if pos >= len(self._rbuf):
+                    return mqtt.MQTTErrorCode.MQTT_ERR_AGAIN  # all read: back to select()
+        return super()._packet_read()
 
     def _sock_close(self) -> None:
         super()._sock_close()
@@ -132,3 +152,56 @@ class BatchingClient(mqtt.Client):
             return
         packet = b"".join(b"\x40\x02" + mid.to_bytes(2, "big") for mid in mids)
         self._packet_queue(mqtt.PUBACK, packet, 0, 1)
+
+
+PUBLISH = 0x30
+
+
+def take_publishes(
+    buf: bytes, pos: int, out: list[tuple[str, bytes, int, int, bool]], *, v5: bool, qos1: bool
+) -> int:
+    """Decode the plain PUBLISH packets lying whole in `buf` from `pos` on into `out`; return
+    where decoding stopped: the end of the buffer, or the first packet left to paho (not a
+    PUBLISH, QoS 2, QoS 1 unless acknowledged by hand, MQTT 5 properties, an empty or non-UTF-8
+    topic, a malformed length, or a packet not whole in the buffer)."""
+    end_buf = len(buf)
+    while pos < end_buf:
+        header = buf[pos]
+        qos = (header >> 1) & 3
+        if header & 0xF0 != PUBLISH or qos > 1 or (qos and not qos1):
+            break
+        # The remaining length: 1 to 4 bytes, 7 bits each, least significant first.
+        i, length, shift = pos + 1, 0, 0
+        while True:
+            if i >= end_buf or shift > 21:
+                return pos  # split across reads, or malformed: paho's reader decides
+            byte = buf[i]
+            length |= (byte & 0x7F) << shift
+            i += 1
+            if not byte & 0x80:
+                break
+            shift += 7
+        end = i + length
+        if end > end_buf or length < 2:
+            break
+        n = (buf[i] << 8) | buf[i + 1]
+        at = i + 2 + n
+        mid = 0
+        if qos:
+            if at + 2 > end:
+                break
+            mid = (buf[at] << 8) | buf[at + 1]
+            at += 2
+        if v5:
+            if at >= end or buf[at] != 0:  # properties: paho decodes them
+                break
+            at += 1
+        if n == 0 or at > end:
+            break
+        try:
+            topic = buf[i + 2 : i + 2 + n].decode()
+        except UnicodeDecodeError:
+            break
+        out.append((topic, buf[at:end], qos, mid, bool(header & 0x01)))
+        pos = end
+    return pos

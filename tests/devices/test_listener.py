@@ -22,10 +22,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from apps.devices import mqtt as mqtt_module
 from apps.devices.ingest import InboundMessage
 from apps.devices.listener import Inbox, Listener
 from apps.devices.models import Connection, Device, Profile, QuarantinedMessage, Telemetry
-from apps.devices.mqtt import BatchingClient
+from apps.devices.mqtt import BatchingClient, take_publishes
 from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -297,35 +298,56 @@ def test_sigterm_stops_the_listener_cleanly(mqtt_broker, transactional_db):
     assert b"Traceback" not in b"".join(seen) + rest
 
 
-def _batching_subscriber(broker, client_id: str, topic: str, received: list) -> BatchingClient:
+def _batching_subscriber(
+    broker, client_id: str, topic: str, received: list, protocol: int
+) -> BatchingClient:
+    kwargs = {"clean_session": False} if protocol == mqtt.MQTTv311 else {}
     client = BatchingClient(
-        CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=True
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=protocol,
+        manual_ack=True,
+        **kwargs,
     )
     client.on_messages = received.extend
-    props = Properties(PacketTypes.CONNECT)
-    props.SessionExpiryInterval = 300
-    client.connect(broker.host, broker.port, clean_start=False, properties=props)
+    connect_kwargs = {}
+    if protocol == mqtt.MQTTv5:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 300
+        connect_kwargs = {"clean_start": False, "properties": props}
+    client.connect(broker.host, broker.port, **connect_kwargs)
     client.subscribe(topic, qos=1)
     client.loop_start()
     return client
 
 
+@pytest.mark.parametrize("protocol", [mqtt.MQTTv5, mqtt.MQTTv311], ids=["mqtt5", "mqtt311"])
 def test_batching_client_hands_over_every_publish_and_acks_only_what_it_is_told(
-    private_mosquitto,
+    private_mosquitto, protocol, monkeypatch
 ):
-    """Many small messages (packets split across reads), one larger than a read, one with v5
-    properties (paho's own decoding), QoS 0 and 1, a retained one; then only the acknowledged
-    QoS 1 messages are gone from the session: the others come back after a reconnect."""
+    """Many small messages (packets split across reads, most decoded by `take_publishes`), one
+    larger than a read, one with v5 properties (paho's own decoding), QoS 0 and 1, a retained
+    one; then only the acknowledged QoS 1 messages are gone from the session: the others come
+    back after a reconnect."""
     broker = private_mosquitto
     uid = uuid.uuid4().hex[:6]
-    pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bt-pub-{uid}", protocol=mqtt.MQTTv5)
+    decoded = []  # by take_publishes, not paho
+
+    def counting(buf, pos, out, **kwargs):
+        before = len(out)
+        end = take_publishes(buf, pos, out, **kwargs)
+        decoded.append(len(out) - before)
+        return end
+
+    monkeypatch.setattr(mqtt_module, "take_publishes", counting)
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bt-pub-{uid}", protocol=protocol)
     pub.max_inflight_messages_set(1000)
     pub.connect(broker.host, broker.port)
     pub.loop_start()
     pub.publish(f"bt/{uid}/retained", b"kept", qos=1, retain=True).wait_for_publish(10)
 
     received: list = []
-    sub = _batching_subscriber(broker, f"bt-sub-{uid}", f"bt/{uid}/#", received)
+    sub = _batching_subscriber(broker, f"bt-sub-{uid}", f"bt/{uid}/#", received, protocol)
     wait_for(lambda: len(received) == 1)
     assert received[0] == (f"bt/{uid}/retained", b"kept", 1, received[0][3], True)
 
@@ -335,9 +357,12 @@ def test_batching_client_hands_over_every_publish_and_acks_only_what_it_is_told(
         expected.append((topic, str(i).encode() * 3, qos))
     big = bytes(range(256)) * (300 * 1024 // 256)  # more than BatchingClient.READ_SIZE
     expected.insert(700, (f"bt/{uid}/big", big, 1))
-    with_props = Properties(PacketTypes.PUBLISH)
-    with_props.UserProperty = ("k", "v")
-    expected.insert(900, (f"bt/{uid}/props", b"p", 1))
+    expected.insert(800, (f"bt/{uid}/empty", b"", 1))
+    with_props = None
+    if protocol == mqtt.MQTTv5:
+        with_props = Properties(PacketTypes.PUBLISH)
+        with_props.UserProperty = ("k", "v")
+        expected.insert(900, (f"bt/{uid}/props", b"p", 1))
     for topic, payload, qos in expected:
         props = with_props if topic.endswith("/props") else None
         info = pub.publish(topic, payload, qos=qos, properties=props)
@@ -346,6 +371,8 @@ def test_batching_client_hands_over_every_publish_and_acks_only_what_it_is_told(
     got = received[1:]
     assert [(t, p, q) for t, p, q, _, _ in got] == expected  # one publisher: in order
     assert not any(retained for *_, retained in got)
+    assert all(type(p) is bytes for _, p, *_ in got)
+    assert sum(decoded) > len(expected) // 2  # most of them straight from the read buffer
 
     qos1 = [m for m in got if m[2] == 1]
     acked = {m[3] for m in qos1[::2]}
@@ -355,7 +382,7 @@ def test_batching_client_hands_over_every_publish_and_acks_only_what_it_is_told(
     sub.loop_stop()
 
     again: list = []
-    sub = _batching_subscriber(broker, f"bt-sub-{uid}", f"bt/{uid}/#", again)
+    sub = _batching_subscriber(broker, f"bt-sub-{uid}", f"bt/{uid}/#", again, protocol)
     expect_again = {(t, p) for t, p, q, mid, _ in qos1 if mid not in acked}
     wait_for(lambda: len(again) >= len(expect_again) + 1)  # + the retained one, resent
     time.sleep(0.5)
