@@ -21,6 +21,7 @@ at once. What is left stays due for the next worker (the periodic sweep kicks it
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -30,7 +31,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from django.db.models import OuterRef, Subquery
+from django.db import connection
 from django.utils import timezone
 
 from . import actions, claims, kinds, pump, ratelimit
@@ -70,17 +71,34 @@ def due_destinations() -> list[tuple[int, str]]:
     A correlated scalar subquery with LIMIT 1, not EXISTS: PostgreSQL turns EXISTS into a
     semi-join that reads every due row of the partial index (tens of milliseconds with a large
     backlog); a LIMITed subquery cannot be flattened, so it stays one index probe per enabled
-    destination, whatever the backlog.
+    destination, whatever the backlog. The status is written into the text, so that the planner
+    sees the partial index's predicate whatever the binding.
+
+    Raw SQL: every drain loop asks ten times a second, and building the same queryset through
+    the ORM cost ~1.7 ms of CPU each time (a tenth of a delivery worker's CPU at 8,000 events/s).
     """
-    due = Delivery.objects.filter(
-        destination=OuterRef("pk"), status=Status.PENDING, next_attempt_at__lte=timezone.now()
-    ).values("id")[:1]
-    return list(
-        Destination.objects.filter(enabled=True)
-        .annotate(due=Subquery(due))
-        .filter(due__isnull=False)
-        .order_by("id")
-        .values_list("id", "kind")
+    with connection.cursor() as cursor:
+        cursor.execute(_due_sql(), [timezone.now()])
+        return [(pk, kind) for pk, kind in cursor.fetchall()]
+
+
+@functools.cache
+def _due_sql() -> str:
+    qn = connection.ops.quote_name
+    destination, delivery = Destination._meta, Delivery._meta
+
+    def column(meta, name: str) -> str:
+        return qn(meta.get_field(name).column)
+
+    # Identifiers from the models' meta, quoted; the one value is bound.
+    return (
+        f"SELECT d.{column(destination, 'id')}, d.{column(destination, 'kind')} "  # noqa: S608
+        f"FROM {qn(destination.db_table)} d WHERE d.{column(destination, 'enabled')} AND ("
+        f"SELECT r.{column(delivery, 'id')} FROM {qn(delivery.db_table)} r "
+        f"WHERE r.{column(delivery, 'destination')} = d.{column(destination, 'id')} "
+        f"AND r.{column(delivery, 'status')} = '{Status.PENDING.value}' "
+        f"AND r.{column(delivery, 'next_attempt_at')} <= %s LIMIT 1) IS NOT NULL "
+        f"ORDER BY d.{column(destination, 'id')}"
     )
 
 
