@@ -386,10 +386,10 @@ def _insert_telemetry(rows: list[_Row]) -> int:
     A (device, boot, seq) the table already holds is skipped by the database, which makes a
     redelivered meter message a no-op whichever listener copy receives it.
 
-    PostgreSQL: one statement for the whole batch, its nine columns bound as arrays in binary
-    (`unnest`): psycopg adapts them in C, the query text stays short whatever the batch size,
-    and it is one round trip (a COPY into a scratch table and an INSERT … SELECT from it took
-    three to five, more client CPU, and a truncation of the scratch table at every commit).
+    PostgreSQL: one statement for the whole batch, its rows bound as one JSON document: the
+    query text stays short whatever the batch size, and it is one round trip (a COPY into a
+    scratch table and an INSERT … SELECT from it took three to five, more client CPU, and a
+    truncation of the scratch table at every commit).
     Rows come back in insertion order (as Django's bulk_create also relies on); sequenced rows
     are matched by their key, the others by that order. SQLite runs in-process, where a loop of
     one cached statement is just as fast and needs no matching.
@@ -401,30 +401,36 @@ def _insert_telemetry(rows: list[_Row]) -> int:
     qn = connection.ops.quote_name
     table = qn(meta.db_table)
     columns = ", ".join(qn(meta.get_field(n).column) for n in names)
-    payloads = [orjson.dumps(r.data).decode() for r in rows]
     if connection.vendor == "postgresql":
-        types = ["int8", "int8", "text", "timestamptz", "timestamptz", "int8", "text", "text",
-                 "jsonb"]  # fmt: skip
-        arrays = ", ".join(f"%b::{t}[]" for t in types)  # binary: adapted in C, not quoted
-        fields = ", ".join(f"f{i}" for i in range(len(names)))
+        # The batch as one JSON document (orjson: C, datetimes as RFC 3339), its rows unpacked
+        # by PostgreSQL. Binding nine arrays instead cost psycopg's Python array dumper ~5 us
+        # per row on the listener; the server's cost is the same either way (measured).
+        document = orjson.dumps(
+            [
+                (
+                    r.owner_id,
+                    r.device_id,
+                    r.kind,
+                    r.ts,
+                    r.received_at,
+                    r.seq,
+                    r.boot,
+                    r.topic,
+                    r.data,
+                )
+                for r in rows
+            ]  # fmt: skip
+        ).decode()
+        types = ["int8", "int8", "text", "timestamptz", "timestamptz", "int8", "text", "text"]
+        values = ", ".join([f"(e->>{i})::{t}" for i, t in enumerate(types)] + [f"e->{len(types)}"])
         with binary_cursor(connection) as cursor:
             # Identifiers come from the model's meta (quoted); every value is bound.
             cursor.execute(
-                f"INSERT INTO {table} ({columns}) SELECT {fields} "  # noqa: S608
-                f"FROM unnest({arrays}) WITH ORDINALITY AS v({fields}, n) ORDER BY n "
+                f"INSERT INTO {table} ({columns}) SELECT {values} "  # noqa: S608
+                f"FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS v(e, n) ORDER BY n "
                 f"ON CONFLICT DO NOTHING RETURNING {qn('id')}, {qn('device_id')}, "
                 f"{qn('boot')}, {qn('seq')}",
-                [
-                    [r.owner_id for r in rows],
-                    [r.device_id for r in rows],
-                    [r.kind for r in rows],
-                    [r.ts for r in rows],
-                    [r.received_at for r in rows],
-                    [r.seq for r in rows],
-                    [r.boot for r in rows],
-                    [r.topic for r in rows],
-                    payloads,
-                ],
+                [document],
             )
             returned = cursor.fetchall()
             by_key = {(d, b, q): pk for pk, d, b, q in returned if q is not None}
@@ -440,7 +446,8 @@ def _insert_telemetry(rows: list[_Row]) -> int:
                 f"INSERT INTO {table} ({columns}) VALUES ({', '.join(['%s'] * len(names))}) "  # noqa: S608
                 f"ON CONFLICT DO NOTHING RETURNING {qn('id')}"
             )
-            for row, payload in zip(rows, payloads, strict=True):
+            for row in rows:
+                payload = orjson.dumps(row.data).decode()
                 cursor.execute(
                     sql,
                     (

@@ -12,6 +12,7 @@ in `next_attempt_at`, and kept when exhausted (dead letters) for replay.
 
 from __future__ import annotations
 
+import datetime
 import json
 import uuid
 from typing import Any
@@ -136,10 +137,17 @@ class Status(models.TextChoices):
 
 
 def dumps_json(value: Any) -> str:
+    """JSON text; datetimes as `isoformat()` writes them (event payloads carry them as such)."""
     try:
         return orjson.dumps(value).decode()
     except TypeError:  # e.g. an integer beyond 64 bits: the standard library takes it
-        return json.dumps(value)
+        return json.dumps(value, default=_isoformat)
+
+
+def _isoformat(value: Any) -> str:
+    if isinstance(value, datetime.datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 class JSONTextField(models.TextField):

@@ -58,7 +58,7 @@ from bench.common import (  # noqa: E402
 BACKLOG = 10_000 if SMALL else 100_000
 RAW = 10_000 if SMALL else 50_000
 FAST_RATE = int(os.environ.get("BENCH_FAST_RATE", "8000"))
-FAST_EVENTS = 8_000 if SMALL else 80_000
+FAST_EVENTS = int(os.environ.get("BENCH_FAST_EVENTS", 8_000 if SMALL else 80_000))
 STEADY_RATE = 1000
 STEADY_SECONDS = 5 if SMALL else 20
 DEVICES = 100 if SMALL else 1000

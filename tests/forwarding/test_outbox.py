@@ -4,6 +4,8 @@ one kick per batch at most."""
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime, timedelta
+from datetime import timezone as timezone_of
 
 import pytest
 from django.db import IntegrityError, connection, transaction
@@ -90,6 +92,29 @@ def test_an_event_is_one_delivery_per_destination_and_a_second_write_is_refused(
     assert delivery.message_id == message_id(hook.pk, event.event_id)
 
 
+@pytest.mark.parametrize(
+    "ts",
+    [
+        datetime(2026, 11, 23, 2, 25, 0, 123456, tzinfo=UTC),
+        datetime(2026, 11, 23, 2, 25, 0, tzinfo=UTC),  # no fraction: none written
+        datetime(2026, 11, 23, 9, 25, 0, 5, tzinfo=timezone_of(timedelta(hours=7))),
+    ],
+    ids=["micros", "whole-second", "offset"],
+)
+@pytest.mark.parametrize("big", [False, True], ids=["orjson", "stdlib"])
+def test_event_times_are_written_as_isoformat_writes_them(
+    receiver, alice_owner, alice_lamp, ts, big
+) -> None:
+    make_webhook(alice_owner, receiver.url())
+    event = make_event(alice_lamp, data={"big": 2**70} if big else {"small": 1}, ts=ts)
+    write_outbox([event])
+    stored = Delivery.objects.values_list("payload", flat=True).get()
+    assert (stored["ts"], stored["received_at"]) == (
+        ts.isoformat(),
+        event.received_at.isoformat(),
+    )
+
+
 def test_the_payload_is_stored_as_the_event_carries_it(receiver, alice_owner, alice_lamp) -> None:
     make_webhook(alice_owner, receiver.url())
     # Unicode, nesting, a float, and an integer beyond 64 bits (JSON allows it; orjson does not).
@@ -97,7 +122,8 @@ def test_the_payload_is_stored_as_the_event_carries_it(receiver, alice_owner, al
     event = make_event(alice_lamp, data=data)
     write_outbox([event])
     delivery = Delivery.objects.get()
-    assert delivery.payload == event.as_payload()
+    times = {"ts": event.ts.isoformat(), "received_at": event.received_at.isoformat()}
+    assert delivery.payload == {**event.as_payload(), **times}
     assert delivery.payload["data"]["big"] == 2**70
     assert (delivery.event_id, delivery.event_type, delivery.device) == (
         event.event_id,

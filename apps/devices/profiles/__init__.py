@@ -17,8 +17,24 @@ PROFILES: dict[str, DeviceProfile] = {p.name: p for p in (Esp32Lamp(), Tasmota()
 __all__ = ["PROFILES", "DeviceProfile", "Parsed", "Reject", "route", "subscriptions"]
 
 
+# Topics routed before: a fleet sends the same few topics per device again and again, and
+# routing is a pure function of the topic (split, match each profile, check the key).
+_routed: dict[str, tuple[DeviceProfile, str, str]] = {}
+ROUTED_KEPT = 100_000
+
+
 def route(topic: str) -> tuple[DeviceProfile, str, str]:
     """The profile a topic belongs to, with the device key and channel in it."""
+    found = _routed.get(topic)
+    if found is None:
+        found = _route(topic)  # a refused topic raises: never kept
+        if len(_routed) >= ROUTED_KEPT:
+            _routed.clear()
+        _routed[topic] = found
+    return found
+
+
+def _route(topic: str) -> tuple[DeviceProfile, str, str]:
     if len(topic) > 255 or "\x00" in topic:
         raise Reject(FOREIGN_TOPIC, "topic too long or contains NUL")
     levels = topic.split("/")

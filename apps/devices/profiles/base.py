@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
@@ -175,21 +176,35 @@ def device_time(value: Any) -> datetime | None:
     the message is kept and stamped with the reception time instead.
     """
     ts: datetime | None = None
-    if isinstance(value, bool) or value is None:
+    if type(value) is str:  # the usual form first
+        if len(value) > 40:
+            return None
+        try:
+            ts = datetime.fromisoformat(value)  # Python 3.11: "Z" included
+        except ValueError:
+            return None
+        if ts.tzinfo is None:
+            return None  # local time of an unknown zone (Tasmota's "Time"): not usable
+    elif isinstance(value, bool) or value is None:
         return None
-    if isinstance(value, int | float) and math.isfinite(value):
+    elif isinstance(value, int | float) and math.isfinite(value):
         seconds = value / 1000 if value > 1e11 else value
         try:
             ts = datetime.fromtimestamp(seconds, tz=UTC)
         except (OverflowError, OSError, ValueError):
             return None
-    elif isinstance(value, str) and len(value) <= 40:
-        try:
-            ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            return None
-        if ts.tzinfo is None:
-            return None  # local time of an unknown zone (Tasmota's "Time"): not usable
-    if ts is None or ts < _EARLIEST or ts > datetime.now(UTC) + timedelta(days=1):
+    if ts is None or ts < _EARLIEST or ts > _latest():
         return None
     return ts
+
+
+_latest_at = [0.0, _EARLIEST]
+
+
+def _latest() -> datetime:
+    """A day from now: later device times are implausible. Recomputed once a second (every
+    message of a busy listener asks)."""
+    now = time.monotonic()
+    if now - _latest_at[0] >= 1.0:
+        _latest_at[0], _latest_at[1] = now, datetime.now(UTC) + timedelta(days=1)
+    return _latest_at[1]

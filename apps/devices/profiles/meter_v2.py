@@ -47,6 +47,8 @@ def _reading(data: dict[str, Any]) -> dict[str, float]:
 
 
 def _finite(value: Any, what: str) -> float:
+    if type(value) is float and value - value == 0.0:  # the usual case; NaN and ±inf fail it
+        return value
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise Reject(INVALID, f"{what[:80]} must be a finite number")
     return float(value)
