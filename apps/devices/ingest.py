@@ -183,13 +183,17 @@ class DeviceDirectory:
         out: dict[int, Device] = {}
         for pk, values in fresh.items():
             device = self._instances[pk][0]
-            for name, value in zip(LOAD_FIELDS, values, strict=True):
-                setattr(device, name, value)
+            # The fields' values live in the instance's __dict__ (Django's field descriptors
+            # only read it): one update instead of a setattr per field and device.
+            device.__dict__.update(zip(LOAD_FIELDS, values, strict=True))
             out[pk] = device
         return out
 
     def tracker(self, device: Device) -> SeqTracker:
-        return self._trackers.setdefault(device.pk, SeqTracker(device.boot_id, device.last_seq))
+        tracker = self._trackers.get(device.id)
+        if tracker is None:
+            tracker = self._trackers[device.id] = SeqTracker(device.boot_id, device.last_seq)
+        return tracker
 
     def forget(self, profile: str, key: str) -> None:
         self._known.pop((profile, key), None)
@@ -349,7 +353,7 @@ def _state_changes(
     for _, profile, p in accepted:
         ref = refs.get((profile, p.key))
         d = devices.get(ref.pk) if ref else None
-        if d is None or d.pk in pks:
+        if d is None or d.id in pks:
             continue
         if (
             (p.connection and p.connection != d.connection)
@@ -360,7 +364,7 @@ def _state_changes(
             or (p.device_type is not None and p.device_type != d.device_type)
             or (p.ip is not None and p.ip != d.ip_address)
         ):
-            pks.add(d.pk)
+            pks.add(d.id)
     return pks
 
 
@@ -386,10 +390,12 @@ def _insert_telemetry(rows: list[_Row]) -> int:
     A (device, boot, seq) the table already holds is skipped by the database, which makes a
     redelivered meter message a no-op whichever listener copy receives it.
 
-    PostgreSQL: one statement for the whole batch, its rows bound as one JSON document: the
-    query text stays short whatever the batch size, and it is one round trip (a COPY into a
-    scratch table and an INSERT … SELECT from it took three to five, more client CPU, and a
-    truncation of the scratch table at every commit).
+    PostgreSQL: one statement for the whole batch, its nine columns bound as arrays in binary
+    (`unnest`): psycopg adapts them in C, the query text stays short whatever the batch size,
+    and it is one round trip (a COPY into a scratch table and an INSERT … SELECT from it took
+    three to five, more client CPU, and a truncation of the scratch table at every commit; the
+    batch as one JSON document unpacked by `jsonb_array_elements` saved the listener ~5 us per
+    row in isolation, but cost its PostgreSQL backend 5-10 us more in bench-dbsink).
     Rows come back in insertion order (as Django's bulk_create also relies on); sequenced rows
     are matched by their key, the others by that order. SQLite runs in-process, where a loop of
     one cached statement is just as fast and needs no matching.
@@ -401,36 +407,30 @@ def _insert_telemetry(rows: list[_Row]) -> int:
     qn = connection.ops.quote_name
     table = qn(meta.db_table)
     columns = ", ".join(qn(meta.get_field(n).column) for n in names)
+    payloads = [orjson.dumps(r.data).decode() for r in rows]
     if connection.vendor == "postgresql":
-        # The batch as one JSON document (orjson: C, datetimes as RFC 3339), its rows unpacked
-        # by PostgreSQL. Binding nine arrays instead cost psycopg's Python array dumper ~5 us
-        # per row on the listener; the server's cost is the same either way (measured).
-        document = orjson.dumps(
-            [
-                (
-                    r.owner_id,
-                    r.device_id,
-                    r.kind,
-                    r.ts,
-                    r.received_at,
-                    r.seq,
-                    r.boot,
-                    r.topic,
-                    r.data,
-                )
-                for r in rows
-            ]  # fmt: skip
-        ).decode()
-        types = ["int8", "int8", "text", "timestamptz", "timestamptz", "int8", "text", "text"]
-        values = ", ".join([f"(e->>{i})::{t}" for i, t in enumerate(types)] + [f"e->{len(types)}"])
+        types = ["int8", "int8", "text", "timestamptz", "timestamptz", "int8", "text", "text",
+                 "jsonb"]  # fmt: skip
+        arrays = ", ".join(f"%b::{t}[]" for t in types)  # binary: adapted in C, not quoted
+        fields = ", ".join(f"f{i}" for i in range(len(names)))
         with binary_cursor(connection) as cursor:
             # Identifiers come from the model's meta (quoted); every value is bound.
             cursor.execute(
-                f"INSERT INTO {table} ({columns}) SELECT {values} "  # noqa: S608
-                f"FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS v(e, n) ORDER BY n "
+                f"INSERT INTO {table} ({columns}) SELECT {fields} "  # noqa: S608
+                f"FROM unnest({arrays}) WITH ORDINALITY AS v({fields}, n) ORDER BY n "
                 f"ON CONFLICT DO NOTHING RETURNING {qn('id')}, {qn('device_id')}, "
                 f"{qn('boot')}, {qn('seq')}",
-                [document],
+                [
+                    [r.owner_id for r in rows],
+                    [r.device_id for r in rows],
+                    [r.kind for r in rows],
+                    [r.ts for r in rows],
+                    [r.received_at for r in rows],
+                    [r.seq for r in rows],
+                    [r.boot for r in rows],
+                    [r.topic for r in rows],
+                    payloads,
+                ],
             )
             returned = cursor.fetchall()
             by_key = {(d, b, q): pk for pk, d, b, q in returned if q is not None}
@@ -446,8 +446,7 @@ def _insert_telemetry(rows: list[_Row]) -> int:
                 f"INSERT INTO {table} ({columns}) VALUES ({', '.join(['%s'] * len(names))}) "  # noqa: S608
                 f"ON CONFLICT DO NOTHING RETURNING {qn('id')}"
             )
-            for row in rows:
-                payload = orjson.dumps(row.data).decode()
+            for row, payload in zip(rows, payloads, strict=True):
                 cursor.execute(
                     sql,
                     (
@@ -608,7 +607,7 @@ class _DeviceState:
             return None
         return _Row(
             owner_id=d.owner_id,
-            device_id=d.pk,
+            device_id=d.id,
             kind=p.kind,
             ts=p.ts or at,
             received_at=at,
@@ -660,7 +659,7 @@ class _DeviceState:
         self.hard = self.visible_change = True
         return Transition(
             owner_id=self.device.owner_id,
-            device_id=self.device.pk,
+            device_id=self.device.id,
             kind=kind,
             relay=relay,
             old=old,
@@ -699,7 +698,7 @@ def _telemetry_event(row: _Row, device: Device, parsed: Parsed) -> DeviceEvent:
         event_id=f"tel_{row.pk}",
         type=row.kind,
         owner_id=row.owner_id,
-        device_pk=device.pk,
+        device_pk=device.id,
         device_id=device.device_id,
         device_name=device.name,
         profile=device.profile,

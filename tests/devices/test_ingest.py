@@ -7,8 +7,10 @@ import os
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from django.db.models.query_utils import DeferredAttribute
 
 from apps.devices.ingest import (
+    LOAD_FIELDS,
     DeviceDirectory,
     InboundMessage,
     ingest_batch,
@@ -395,3 +397,11 @@ def test_a_device_written_elsewhere_between_batches_is_read_again(alice_meter):
         device=alice_meter, kind=TransitionKind.CONNECTION
     ).order_by("id")
     assert [(t.old, t.new) for t in back_online] == [("unknown", "online"), ("offline", "online")]
+
+
+def test_state_fields_are_plain_attributes_that_a_batch_may_load_in_one_update():
+    # DeviceDirectory.load writes a batch's fresh state into the cached instances' __dict__:
+    # right only while each field is Django's plain descriptor, under its own name.
+    for name in LOAD_FIELDS:
+        assert Device._meta.get_field(name).attname == name
+        assert type(Device.__dict__[name]) is DeferredAttribute, name
