@@ -112,6 +112,20 @@ def machine_busy() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def settle(max_wait: float = 60.0, busy_below: float = 0.3) -> float:
+    """Wait until the machine is quiet: less than `busy_below` cores busy over a second (or
+    `max_wait` seconds passed). A phase that follows heavy writes would otherwise share the
+    cores with their aftermath (autovacuum, InnoDB's purge of old row versions). Returns the
+    seconds waited."""
+    start = time.monotonic()
+    while time.monotonic() - start < max_wait:
+        before = machine_busy()
+        time.sleep(1.0)
+        if machine_busy() - before < busy_below:
+            break
+    return round(time.monotonic() - start, 1)
+
+
 class CpuMeter:
     """CPU seconds of named parts between a first and a last mark, per event.
 
